@@ -1,12 +1,16 @@
 """winattn: exact, fast local-window self-attention and the Swin Transformer family."""
 
 from .models import SwinConfig, SwinTransformer, create_model, list_models
+from .models import SwinFeatures, SwinTransformerV2, SwinV2Config
 from .ops import WindowAttentionOp, window_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SwinConfig",
+    "SwinFeatures",
+    "SwinTransformerV2",
+    "SwinV2Config",
     "SwinTransformer",
     "WindowAttentionOp",
     "__version__",

@@ -1,6 +1,7 @@
 """Building blocks of the Swin family: attention, MLP, patch embedding and merging."""
 
 from .attention import WindowAttention
+from .attention_v2 import WindowAttentionV2
 from .mlp import DropPath, Mlp
 from .patch import PatchEmbed, PatchMerging, merge_2x2
 from .position import relative_position_index
@@ -11,6 +12,7 @@ __all__ = [
     "PatchEmbed",
     "PatchMerging",
     "WindowAttention",
+    "WindowAttentionV2",
     "merge_2x2",
     "relative_position_index",
 ]

@@ -55,6 +55,9 @@ def create_model(
     in_chans: int | None = None,
     strict: bool = True,
     drop_head: bool = False,
+    features_only: bool = False,
+    out_indices: tuple[int, ...] = (0, 1, 2, 3),
+    output_fmt: str = "NCHW",
     **config_overrides: Any,
 ) -> nn.Module:
     """Build a registered model, optionally loading weights.
@@ -70,6 +73,9 @@ def create_model(
         strict: with ``checkpoint``/``pretrained``: raise on missing or unexpected keys.
         drop_head: with ``checkpoint``/``pretrained``: skip the checkpoint's classifier and keep
             the freshly initialised head (fine-tuning with another ``num_classes``).
+        features_only: return a backbone producing the stage maps (strides 4/8/16/32) listed in
+            ``out_indices``, laid out ``output_fmt`` ("NCHW" or "NHWC"), with ``feature_info``
+            (see ``winattn.models.features.SwinFeatures``).
 
     Example:
         >>> model = create_model("swin_tiny_patch4_window7_224", num_classes=10)
@@ -105,4 +111,8 @@ def create_model(
         from ..checkpoints import load_checkpoint
 
         load_checkpoint(model, checkpoint, strict=strict, drop_head=drop_head)
+    if features_only:
+        from .features import SwinFeatures
+
+        model = SwinFeatures(model, out_indices=out_indices, output_fmt=output_fmt)
     return model

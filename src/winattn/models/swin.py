@@ -271,6 +271,40 @@ class SwinTransformer(nn.Module):
         x = self.layers(x)
         return self.norm(x)
 
+    @property
+    def feature_info(self) -> list[dict]:
+        """Per stage: channels, stride in pixels and module name (timm's ``feature_info``)."""
+        return [
+            {
+                "num_chs": self.config.embed_dim * 2**i,
+                "reduction": self.config.patch_size * 2**i,
+                "module": f"layers.{i}",
+            }
+            for i in range(len(self.layers))
+        ]
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs as timm returns them; see :func:`winattn.models.features.forward_intermediates`."""
+        from .features import forward_intermediates
+
+        return forward_intermediates(
+            self,
+            x,
+            indices=indices,
+            norm=norm,
+            stop_early=stop_early,
+            output_fmt=output_fmt,
+            intermediates_only=intermediates_only,
+        )
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool ``(B, H, W, C)`` features; return pooled features or logits ``(B, classes)``."""
         return self.head(x, pre_logits=pre_logits)

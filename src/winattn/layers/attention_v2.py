@@ -1,0 +1,196 @@
+"""Swin V2 window attention: scaled cosine attention with a continuous position bias (CPB).
+
+Numerics follow the official code, timm and torchvision exactly:
+
+- logits = cos(q, k) * exp(min(logit_scale, log 100)) + 16 * sigmoid(cpb_mlp(coords))[i, j]
+  (+ Swin's -100 between shift regions, added by the operator);
+- the CPB input is the table of relative offsets in a window, divided by
+  ``pretrained_window_size - 1`` (when given) or ``window - 1``, times 8, then mapped through
+  ``sign(x) * log2(1 + |x|) / log2(8)``;
+- q and v carry learned biases, k a zero bias.
+
+The per-head logit scale is folded into the normalised q, so the operator runs with ``scale=1``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import window_attention
+from .position import relative_position_index
+
+#: Upper clamp of the learned per-head logit scale (log of the largest temperature, 100).
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def _is_tracing() -> bool:
+    """True while torch.compile / torch.export / the ONNX exporter trace the model."""
+    return torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+
+
+def _cpb_coords(window_size: tuple[int, int], pretrained_window_size: tuple[int, int]) -> torch.Tensor:
+    h = torch.arange(-(window_size[0] - 1), window_size[0], dtype=torch.float32)
+    w = torch.arange(-(window_size[1] - 1), window_size[1], dtype=torch.float32)
+    table = torch.stack(torch.meshgrid(h, w, indexing="ij"), dim=-1)  # (2wh-1, 2ww-1, 2)
+    # The reference implementations divide by max(w - 1, 1): a window of 1 has only offset 0.
+    if pretrained_window_size[0] > 0:
+        divisor = pretrained_window_size
+    else:
+        divisor = window_size
+    table[..., 0] /= max(divisor[0] - 1, 1)
+    table[..., 1] /= max(divisor[1] - 1, 1)
+    table *= 8  # to [-8, 8]
+    table = torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+    return table.reshape(-1, 2)  # ((2wh-1)*(2ww-1), 2)
+
+
+_cpb_coords_cached = lru_cache(maxsize=64)(_cpb_coords)
+
+
+def cpb_coords(
+    window_size: tuple[int, int], pretrained_window_size: tuple[int, int] = (0, 0)
+) -> torch.Tensor:
+    """Log-spaced relative coordinates fed to the CPB MLP, one row per offset of the window.
+
+    Args:
+        window_size: the window in use ``(wh, ww)``.
+        pretrained_window_size: the window the MLP was trained at; ``(0, 0)``: ``window_size``.
+
+    Returns:
+        ``((2wh-1) * (2ww-1), 2)`` float32 on the CPU, rows ordered (dh, dw) row-major, cached.
+    """
+    window_size, pretrained = tuple(window_size), tuple(pretrained_window_size)
+    if _is_tracing():
+        return _cpb_coords(window_size, pretrained)
+    return _cpb_coords_cached(window_size, pretrained)
+
+
+@lru_cache(maxsize=256)
+def _on_device(kind: str, window_size: tuple, pretrained: tuple, device: torch.device) -> torch.Tensor:
+    if kind == "coords":
+        return _cpb_coords_cached(window_size, pretrained).to(device)
+    return relative_position_index(window_size).to(device)
+
+
+class WindowAttentionV2(nn.Module):
+    """Swin V2 window attention on ``(B, H, W, C)`` maps whose sides are multiples of the window.
+
+    Parameters keep timm's names: ``logit_scale (heads, 1, 1)``, ``cpb_mlp.{0,2}``, a bias-free
+    fused ``qkv`` (rows ordered (3, heads, head_dim)), ``q_bias``, ``v_bias``, ``proj``. The
+    coordinate tables and index maps are cached per window (not stored in the state dict); in
+    eval / no-grad mode the position bias itself is cached per window too, and recomputed when
+    the CPB weights change.
+
+    Args:
+        dim: channels.
+        num_heads: attention heads.
+        pretrained_window_size: the window the CPB was trained at (0: the window in use).
+        qkv_bias: learn q and v biases.
+        proj_drop: dropout after the output projection.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        pretrained_window_size: tuple[int, int] = (0, 0),
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.pretrained_window_size = tuple(pretrained_window_size)
+        self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+        self.cpb_mlp = nn.Sequential(
+            nn.Linear(2, 512, bias=True),
+            nn.ReLU(inplace=True),
+            nn.Linear(512, num_heads, bias=False),
+        )
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = None
+            self.v_bias = None
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self._bias_cache: dict[tuple, torch.Tensor] = {}
+
+    def _compute_position_bias(self, window_size: tuple[int, int]) -> torch.Tensor:
+        device = self.logit_scale.device
+        if _is_tracing():
+            coords = _cpb_coords(window_size, self.pretrained_window_size).to(device)
+            index = relative_position_index.__wrapped__(window_size, None).to(device)
+        else:
+            coords = _on_device("coords", window_size, self.pretrained_window_size, device)
+            index = _on_device("index", window_size, self.pretrained_window_size, device)
+        coords = coords.to(self.cpb_mlp[0].weight.dtype)
+        table = self.cpb_mlp(coords)  # ((2wh-1)*(2ww-1), heads)
+        tokens = index.shape[0]
+        bias = table[index.reshape(-1)].view(tokens, tokens, self.num_heads)  # (N, N, heads)
+        return 16 * torch.sigmoid(bias.permute(2, 0, 1))  # (heads, N, N)
+
+    def position_bias(self, window_size: tuple[int, int]) -> torch.Tensor:
+        """``(heads, N, N)`` continuous position bias for ``window_size`` (any window).
+
+        Cached per (window, device, dtype) when no gradient is needed; the cache key holds the
+        CPB weights' version counters, so an optimiser step or ``load_state_dict`` invalidates
+        it.
+        """
+        window_size = tuple(window_size)
+        params = list(self.cpb_mlp.parameters())
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if needs_grad or _is_tracing() or torch.is_inference_mode_enabled():
+            return self._compute_position_bias(window_size)
+        weight = params[0]
+        key = (window_size, weight.device, weight.dtype, tuple((id(p), p._version) for p in params))
+        bias = self._bias_cache.get(key)
+        if bias is None:
+            # Only the newest weights are worth keeping: drop entries of older versions.
+            stale = [k for k in self._bias_cache if k[3] != key[3]]
+            for k in stale:
+                del self._bias_cache[k]
+            bias = self._bias_cache[key] = self._compute_position_bias(window_size)
+        return bias
+
+    def forward(
+        self, x: torch.Tensor, window_size: tuple[int, int], shift_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """``(B, H, W, C)`` -> ``(B, H, W, C)``; H and W are multiples of ``window_size``."""
+        batch, height, width, channels = x.shape
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, bias)
+        qkv = qkv.view(batch, height, width, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(3)  # each (B, H, W, heads, d)
+        # Cosine attention: the clamped per-head temperature is folded into the unit-norm q.
+        logit_scale = torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()
+        q = F.normalize(q, dim=-1) * logit_scale.view(self.num_heads, 1).to(q.dtype)
+        k = F.normalize(k, dim=-1)
+        out = window_attention(
+            q,
+            k,
+            v,
+            window_size,
+            shift_size=shift_size,
+            bias=self.position_bias(window_size),
+            scale=1.0,
+        )  # (B, H, W, heads, d)
+        return self.proj_drop(self.proj(out.reshape(batch, height, width, channels)))
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, "
+            f"pretrained_window_size={self.pretrained_window_size}"
+        )
