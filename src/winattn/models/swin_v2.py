@@ -187,7 +187,7 @@ class SwinTransformerV2(nn.Module):
         dims = [config.embed_dim * 2**i for i in range(num_stages)]
         self.num_features = dims[-1]
         self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, config.embed_dim)
-        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu").tolist()
         stages = []
         for i in range(num_stages):
             start = sum(config.depths[:i])

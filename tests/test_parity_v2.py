@@ -1,0 +1,237 @@
+"""Swin V2 parity: the peers' own models with random weights, converted, compared in eval.
+
+Protocol (as for V1): build the peer's model (timm ``pretrained=False``, torchvision
+``swin_v2_*(weights=None)``, transformers ``Swinv2ForImageClassification``), give every parameter
+non-trivial random values (post-norm gains, q/v biases, CPB weights, logit scales on both sides
+of the log(100) clamp), convert its state dict through ``winattn.load_checkpoint`` and compare
+logits: at most 1e-4 against timm, torchvision and the official layout; Hugging Face adds the shift
+mask twice (-200 instead of -100), so its shifted blocks differ and it gets a stated tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import winattn
+
+timm = pytest.importorskip("timm")
+
+V2_NAMES = [
+    "swinv2_tiny_window8_256",
+    "swinv2_tiny_window16_256",
+    "swinv2_small_window8_256",
+    "swinv2_small_window16_256",
+    "swinv2_base_window8_256",
+    "swinv2_base_window16_256",
+    "swinv2_base_window12_192",
+    "swinv2_base_window12to16_192to256",
+    "swinv2_base_window12to24_192to384",
+    "swinv2_large_window12_192",
+    "swinv2_large_window12to16_192to256",
+    "swinv2_large_window12to24_192to384",
+]
+ATOL = 1e-4
+
+
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every parameter random and non-trivial; logit scales straddle the log(100) clamp."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            if name.endswith("logit_scale"):
+                param.copy_(torch.rand(param.shape, generator=gen) * 5.5)  # clamp at 4.6
+            elif param.ndim >= 2:
+                param.copy_(noise / math.sqrt(param[0].numel()))
+            elif "norm" in name and name.endswith("weight"):
+                param.copy_(1.0 + 0.2 * noise)
+            else:
+                param.copy_(0.2 * noise)
+    return model.eval()
+
+
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def load(model: nn.Module, state_dict: dict) -> nn.Module:
+    """Convert through the checkpoint loader; before it exists, timm's layout loads directly."""
+    try:
+        from winattn.checkpoints import load_checkpoint
+    except ImportError:
+        missing, unexpected = model.load_state_dict(state_dict, strict=True)
+        return model.eval()
+    load_checkpoint(model, state_dict)
+    return model.eval()
+
+
+def needs_loader():
+    return pytest.importorskip("winattn.checkpoints", reason="needs winattn.checkpoints")
+
+
+# ---------------------------------------------------------------- configuration, keys, shapes
+@pytest.mark.parametrize("name", V2_NAMES)
+def test_keys_shapes_and_config_match_timm(name):
+    with torch.device("meta"):
+        peer = timm.create_model(name, pretrained=False)
+        ours = winattn.create_model(name)
+    theirs = {k: tuple(v.shape) for k, v in peer.state_dict().items()}
+    mine = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert mine == theirs
+    cfg = peer.pretrained_cfg
+    assert ours.data_config["input_size"] == tuple(cfg["input_size"])
+    assert ours.data_config["crop_pct"] == cfg["crop_pct"]
+    assert ours.num_classes == peer.num_classes
+    for i, (their_stage, our_stage) in enumerate(zip(peer.layers, ours.layers)):
+        their_block = their_stage.blocks[0]
+        size = their_block.input_resolution
+        window, _ = winattn.models.swin.resolve_window(
+            size, our_stage.blocks[0].window_size, (0, 0), "timm"
+        )
+        assert window == tuple(their_block.window_size), f"stage {i}"
+        assert (
+            our_stage.blocks[0].attn.pretrained_window_size
+            == tuple(their_block.attn.pretrained_window_size)
+        ), f"stage {i}"
+        shifted = their_stage.blocks[1] if len(their_stage.blocks) > 1 else None
+        if shifted is not None and any(shifted.shift_size):
+            _, shift = winattn.models.swin.resolve_window(
+                size, our_stage.blocks[1].window_size, our_stage.blocks[1].shift_size, "timm"
+            )
+            assert shift == tuple(shifted.shift_size)
+
+
+def test_buffers_are_not_persistent():
+    model = winattn.create_model("swinv2_tiny_window8_256")
+    assert not any(
+        k.endswith(("relative_coords_table", "relative_position_index", "attn_mask", "k_bias"))
+        for k in model.state_dict()
+    )
+
+
+# ---------------------------------------------------------------- timm
+@pytest.mark.parametrize(
+    "name,img_size,window_rule",
+    [
+        ("swinv2_tiny_window8_256", 256, "official"),
+        # 128: the last stage (4x4) is smaller than the window; timm shrinks it (CPB by 3).
+        ("swinv2_tiny_window8_256", 128, "timm"),
+        ("swinv2_tiny_window16_256", 256, "timm"),
+    ],
+)
+def test_matches_timm(name, img_size, window_rule):
+    peer = randomize_(timm.create_model(name, pretrained=False, img_size=img_size))
+    ours = load(
+        winattn.create_model(name, img_size=img_size, window_rule=window_rule), peer.state_dict()
+    )
+    x = torch.randn(1, 3, img_size, img_size)
+    torch.testing.assert_close(logits(ours, x), logits(peer, x), atol=ATOL, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", V2_NAMES)
+def test_matches_timm_every_variant(name):
+    peer = randomize_(timm.create_model(name, pretrained=False))
+    ours = load(winattn.create_model(name), peer.state_dict())
+    size = peer.pretrained_cfg["input_size"][-1]
+    x = torch.randn(1, 3, size, size)
+    torch.testing.assert_close(logits(ours, x), logits(peer, x), atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------- official layout
+def official_state_dict(peer: nn.Module) -> dict:
+    """timm's weights in the official layout, with the buffers official checkpoints persist."""
+    from winattn.checkpoints import from_native
+
+    state = from_native(peer.state_dict(), "official")
+    for key, buffer in peer.named_buffers():
+        if key.endswith(("relative_coords_table", "relative_position_index")):
+            state[key] = buffer.clone()  # block keys are the same in both layouts
+    return state
+
+
+@pytest.mark.parametrize(
+    "name,img_size", [("swinv2_tiny_window8_256", 256), ("swinv2_base_window12to16_192to256", 128)]
+)
+def test_matches_official_layout(name, img_size):
+    needs_loader()
+    peer = randomize_(timm.create_model(name, pretrained=False, img_size=img_size))
+    state = official_state_dict(peer)
+    ours = winattn.create_model(name, img_size=img_size, window_rule="timm")
+    ours.check_checkpoint_buffers(state)
+    load(ours, state)
+    x = torch.randn(1, 3, img_size, img_size)
+    torch.testing.assert_close(logits(ours, x), logits(peer, x), atol=ATOL, rtol=0)
+
+
+def test_pretrained_window_mismatch_is_named():
+    """A fine-tuned checkpoint's CPB was normalised by its pre-training window: without it the
+    model would silently compute other biases; the check names the setting to use."""
+    needs_loader()
+    peer = timm.create_model(
+        "swinv2_base_window12to16_192to256", pretrained=False, img_size=64,
+        depths=(1, 1, 1, 1),
+    )
+    state = official_state_dict(peer)
+    wrong = winattn.create_model(
+        "swinv2_base_window16_256", img_size=64, depths=(1, 1, 1, 1)
+    )
+    with pytest.raises(ValueError, match=r"pretrained_window_sizes\[0\]=12"):
+        wrong.check_checkpoint_buffers(state)
+    right = winattn.create_model(
+        "swinv2_base_window12to16_192to256", img_size=64, depths=(1, 1, 1, 1)
+    )
+    right.check_checkpoint_buffers(state)
+
+
+# ---------------------------------------------------------------- torchvision
+@pytest.mark.parametrize(
+    "tv_name,name,img_size",
+    [
+        ("swin_v2_t", "swinv2_tiny_window8_256", 256),
+        # 224: every stage (56, 28, 14, 7) is padded up to the window 8 before the shift;
+        # the last stage is smaller than the window, which torchvision never shrinks.
+        ("swin_v2_t", "swinv2_tiny_window8_256", 224),
+        pytest.param("swin_v2_s", "swinv2_small_window8_256", 256, marks=pytest.mark.slow),
+        pytest.param("swin_v2_b", "swinv2_base_window8_256", 256, marks=pytest.mark.slow),
+    ],
+)
+def test_matches_torchvision(tv_name, name, img_size):
+    needs_loader()
+    models = pytest.importorskip("torchvision.models")
+    peer = randomize_(getattr(models, tv_name)(weights=None))
+    ours = load(winattn.create_model(name, window_rule="torchvision"), peer.state_dict())
+    x = torch.randn(1, 3, img_size, img_size)
+    torch.testing.assert_close(logits(ours, x), logits(peer, x), atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------- Hugging Face
+#: Hugging Face's Swinv2 adds the shift mask twice (-200 where the others add -100). A key
+#: across a shift boundary keeps weight exp(delta - 100) in the peers and exp(delta - 200) in HF,
+#: where delta is its logit lead (cosine logits reach 100 + 16 when a head's scale sits at its
+#: clamp). Measured on these random weights (scales uniform in [0, 5.5]): 2e-6 to 3e-6; with every
+#: logit scale at the clamp: 8e-4 to 9e-4 (docs/swin_v2.md). The bound covers the random case.
+HF_ATOL = 1e-3
+
+
+@pytest.mark.parametrize("img_size,window", [(256, 8), (128, 8)])
+def test_matches_huggingface_within_its_double_mask(img_size, window):
+    needs_loader()
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Swinv2Config(
+        image_size=img_size, patch_size=4, embed_dim=96, depths=[2, 2, 6, 2],
+        num_heads=[3, 6, 12, 24], window_size=window, num_labels=1000, drop_path_rate=0.0,
+    )
+    peer = randomize_(transformers.Swinv2ForImageClassification(config))
+    ours = load(
+        winattn.create_model("swinv2_tiny_window8_256", img_size=img_size, window_rule="timm"),
+        peer.state_dict(),
+    )
+    x = torch.randn(1, 3, img_size, img_size)
+    torch.testing.assert_close(logits(ours, x), logits(peer, x), atol=HF_ATOL, rtol=0)
