@@ -22,15 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import window_attention
+from ..ops.traceable import is_tracing as _is_tracing
 from .position import relative_position_index
 
 #: Upper clamp of the learned per-head logit scale (log of the largest temperature, 100).
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
-def _is_tracing() -> bool:
-    """True while torch.compile / torch.export / the ONNX exporter trace the model."""
-    return torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
 
 
 def _cpb_coords(window_size: tuple[int, int], pretrained_window_size: tuple[int, int]) -> torch.Tensor:
@@ -130,7 +128,7 @@ class WindowAttentionV2(nn.Module):
         device = self.logit_scale.device
         if _is_tracing():
             coords = _cpb_coords(window_size, self.pretrained_window_size).to(device)
-            index = relative_position_index.__wrapped__(window_size, None).to(device)
+            index = relative_position_index(window_size).to(device)
         else:
             coords = _on_device("coords", window_size, self.pretrained_window_size, device)
             index = _on_device("index", window_size, self.pretrained_window_size, device)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.traceable import is_tracing
+
 
 class PatchEmbed(nn.Module):
     """Non-overlapping ``patch_size`` convolution, then LayerNorm; returns ``(B, H/p, W/p, C)``.
@@ -38,8 +40,9 @@ class PatchEmbed(nn.Module):
             raise ValueError(
                 f"image of {height}x{width} pixels is smaller than one {p}x{p} patch"
             )
-        if height % p or width % p:
-            x = F.pad(x, (0, -width % p, 0, -height % p))
+        # While tracing, pad by the traced amounts (a no-op when zero) rather than branch on them.
+        if is_tracing() or height % p or width % p:
+            x = F.pad(x, (0, (p - width % p) % p, 0, (p - height % p) % p))
         x = self.proj(x)  # (B, C, H/p, W/p)
         return self.norm(x.permute(0, 2, 3, 1))  # (B, H/p, W/p, C)
 
@@ -51,7 +54,7 @@ def merge_2x2(x: torch.Tensor) -> torch.Tensor:
     even col), (even row, odd col), (odd row, odd col).
     """
     batch, height, width, channels = x.shape
-    if height % 2 or width % 2:
+    if is_tracing() or height % 2 or width % 2:
         x = F.pad(x, (0, 0, 0, width % 2, 0, height % 2))
         height, width = x.shape[1:3]
     x = x.reshape(batch, height // 2, 2, width // 2, 2, channels)

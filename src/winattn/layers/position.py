@@ -6,9 +6,25 @@ from functools import lru_cache
 
 import torch
 
+from ..ops.traceable import is_tracing
 
-@lru_cache(maxsize=64)
+
 def relative_position_index(
+    window_size: tuple[int, int], table_window: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Index into a ``(2Wh-1)*(2Ww-1)`` bias table for every (query, key) pair of a window.
+
+    Cached per window; while an exporter or compiler traces, built afresh (a cached tensor
+    would otherwise hold the tracer's fake tensor). See :func:`_relative_position_index`.
+    """
+    window_size = tuple(window_size)
+    table_window = None if table_window is None else tuple(table_window)
+    if is_tracing():
+        return _relative_position_index(window_size, table_window)
+    return _relative_position_index_cached(window_size, table_window)
+
+
+def _relative_position_index(
     window_size: tuple[int, int], table_window: tuple[int, int] | None = None
 ) -> torch.Tensor:
     """Index into a ``(2Wh-1)*(2Ww-1)`` bias table for every (query, key) pair of a window.
@@ -34,3 +50,6 @@ def relative_position_index(
     rel_h = relative[0] + table_window[0] - 1
     rel_w = relative[1] + table_window[1] - 1
     return rel_h * (2 * table_window[1] - 1) + rel_w  # (N, N)
+
+
+_relative_position_index_cached = lru_cache(maxsize=64)(_relative_position_index)

@@ -20,7 +20,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import DropPath, Mlp, PatchEmbed, PatchMerging
-from ..layers.attention_v2 import WindowAttentionV2, _is_tracing
+from ..layers.attention_v2 import WindowAttentionV2
+from ..ops.traceable import is_tracing
 from .registry import register_model
 from .swin import ClassifierHead, SwinConfig, WindowRule, _init_weights, resolve_window, to_2tuple
 
@@ -64,7 +65,7 @@ class SwinV2Block(nn.Module):
         pad_h, pad_w = -height % window[0], -width % window[1]
         # While tracing, the pad is a function of the traced size: always emit it (a no-op when
         # zero) rather than branching on it, so one graph serves every size.
-        padded = _is_tracing() or pad_h or pad_w
+        padded = is_tracing() or pad_h or pad_w
         if padded:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (B, Hp, Wp, C)
         x = self.attn(x, window, shift)

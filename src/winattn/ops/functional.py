@@ -7,6 +7,7 @@ import torch
 from .backends import select_backend
 from .call import AttentionCall
 from .geometry import IntOrTuple, normalize_tuple, plan_windows
+from .traceable import is_tracing, traceable_window_attention
 
 
 def window_attention(
@@ -47,6 +48,14 @@ def window_attention(
         >>> window_attention(q, k, v, 7, shift_size=3).shape
         torch.Size([2, 14, 14, 3, 32])
     """
+    if is_tracing():
+        # Exporters and compilers get the shape-generic path: the cached plans hold index maps
+        # built from Python ints, which a trace would freeze to one input size.
+        ndim = q.dim() - 3
+        window = normalize_tuple(window_size, ndim, "window_size")
+        shift = normalize_tuple(shift_size, ndim, "shift_size")
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        return traceable_window_attention(q, k, v, window, shift, bias, scale)
     call = make_call(q, k, v, window_size, shift_size=shift_size, bias=bias, scale=scale)
     return select_backend(call, backend).forward(call)
 

@@ -1,0 +1,137 @@
+"""Export and compilation: the shape-generic operator path, ONNX with dynamic sizes, torch.compile.
+
+Kept cheap: tiny two-stage models (window 4, stride 8), the "eager" compile backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import winattn
+from winattn.export import example_size, general_input_size
+from winattn.models.swin import SwinConfig, SwinTransformer
+from winattn.models.swin_v2 import SwinTransformerV2, SwinV2Config
+from winattn.ops import window_attention
+from winattn.ops.traceable import traceable_window_attention
+
+TINY = dict(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial weights (V2's post-norms start at zero, which would hide the attention)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            if name.endswith("logit_scale"):
+                param.copy_(torch.rand(param.shape, generator=gen) * 5.5)
+            elif param.ndim >= 2:
+                param.copy_(noise / math.sqrt(param[0].numel()))
+            elif "norm" in name and name.endswith("weight"):
+                param.copy_(1.0 + 0.2 * noise)
+            else:
+                param.copy_(0.2 * noise)
+    return model.eval()
+
+
+def tiny(version: int) -> torch.nn.Module:
+    if version == 1:
+        return randomize_(SwinTransformer(SwinConfig(**TINY)))
+    return randomize_(SwinTransformerV2(SwinV2Config(**TINY)))
+
+
+# ---------------------------------------------------------------- the shape-generic path
+@pytest.mark.parametrize(
+    "grid,window,shift",
+    [
+        ((14, 14), (7, 7), (3, 3)),
+        ((13, 10), (7, 4), (3, 2)),  # padded on both axes, shifted
+        ((9,), (4,), (2,)),
+        ((6, 7, 5), (2, 3, 5), (1, 1, 0)),
+        ((8, 8), (8, 8), (0, 0)),  # window equal to the grid
+        ((5, 9), (1, 3), (0, 1)),  # window 1
+    ],
+)
+def test_traceable_path_matches_reference(grid, window, shift):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, *grid, 3, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    tokens = math.prod(window)
+    bias = torch.randn(3, tokens, tokens, generator=gen, dtype=torch.float64)
+    for t in (q, k, v, bias):
+        t.requires_grad_(True)
+    expected = window_attention(q, k, v, window, shift_size=shift, bias=bias, scale=0.3,
+                                backend="reference")
+    got = traceable_window_attention(q, k, v, window, shift, bias, 0.3)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    grad = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    want = torch.autograd.grad(expected, (q, k, v, bias), grad)
+    have = torch.autograd.grad(got, (q, k, v, bias), grad)
+    for a, b in zip(have, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+# ---------------------------------------------------------------- ONNX
+def test_export_rejects_old_opset(tmp_path):
+    with pytest.raises(ValueError, match=r"opset=16 .*>= 17"):
+        winattn.export_onnx(tiny(2), tmp_path / "m.onnx", opset=16)
+
+
+def test_example_size_is_above_the_general_size_and_pads_every_stage():
+    for version in (1, 2):
+        model = tiny(version)
+        height, width = example_size(model)
+        low_h, low_w = general_input_size(model)
+        assert (height, width) != (width, height) and height >= low_h and width >= low_w
+        feature = -(-height // 4)
+        for stage in range(2):
+            feature = feature if stage == 0 else -(-feature // 2)
+            assert feature % 4 and feature > 4
+
+
+def _onnx_matches(version: int, tmp_path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = tiny(version)
+    path = winattn.export_onnx(model, tmp_path / "model.onnx", opset=18)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    # general size for TINY: 33; three sizes, two batch sizes, odd and non-square sides.
+    for batch, height, width in [(1, 40, 56), (3, 57, 43), (2, 96, 72)]:
+        x = torch.randn(batch, 3, height, width)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        got = session.run(None, {"images": x.numpy()})[0]
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_onnx_v2_one_file_three_resolutions(tmp_path):
+    _onnx_matches(2, tmp_path)
+
+
+@pytest.mark.slow
+def test_onnx_v1_one_file_three_resolutions(tmp_path):
+    _onnx_matches(1, tmp_path)
+
+
+# ---------------------------------------------------------------- torch.compile
+def test_compile_fullgraph_no_recompile_across_resolutions():
+    """One graph for three resolutions with dynamic shapes (no per-shape recompiles)."""
+    # One stage keeps the trace short; the merging layers are traced by the ONNX tests.
+    model = randomize_(SwinTransformerV2(SwinV2Config(**{**TINY, "depths": (2,), "num_heads": (1,)})))
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=counting_backend, fullgraph=True, dynamic=True)
+    # Batch 2 and height != width: a size of 1 or two equal sizes would be specialised.
+    for height, width in [(48, 40), (64, 88), (57, 43)]:
+        x = torch.randn(2, 3, height, width)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=0)
+    assert len(graphs) == 1
