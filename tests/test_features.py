@@ -1,0 +1,131 @@
+"""Multi-scale features: create_model(features_only=True), feature_info, forward_intermediates."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import winattn
+
+NAMES = ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"]
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            if name.endswith("logit_scale"):
+                param.copy_(torch.rand(param.shape, generator=gen) * 5.5)
+            elif param.ndim >= 2:
+                param.copy_(noise / math.sqrt(param[0].numel()))
+            elif "norm" in name and name.endswith("weight"):
+                param.copy_(1.0 + 0.2 * noise)
+            else:
+                param.copy_(0.2 * noise)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("output_fmt", ["NCHW", "NHWC"])
+def test_features_only_strides_and_feature_info(name, output_fmt):
+    backbone = winattn.create_model(name, features_only=True, output_fmt=output_fmt).eval()
+    assert backbone.feature_info.reduction() == [4, 8, 16, 32]
+    height, width = 128, 96
+    with torch.no_grad():
+        maps = backbone(torch.randn(1, 3, height, width))
+    for fmap, channels, stride in zip(
+        maps, backbone.feature_info.channels(), backbone.feature_info.reduction()
+    ):
+        spatial = (height // stride, width // stride)
+        expected = (1, channels, *spatial) if output_fmt == "NCHW" else (1, *spatial, channels)
+        assert tuple(fmap.shape) == expected
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_feature_info_matches_timm(name):
+    timm = pytest.importorskip("timm")
+    ours = winattn.create_model(name, features_only=True, out_indices=(1, 3))
+    theirs = timm.create_model(name, pretrained=False, features_only=True, out_indices=(1, 3))
+    assert ours.feature_info.channels() == theirs.feature_info.channels()
+    assert ours.feature_info.reduction() == theirs.feature_info.reduction()
+    assert ours.out_indices == (1, 3) and len(ours.layers) == 4
+
+
+def test_out_indices_validated():
+    with pytest.raises(ValueError, match="out of range"):
+        winattn.create_model("swin_tiny_patch4_window7_224", features_only=True, out_indices=(4,))
+    with pytest.raises(ValueError, match="output_fmt"):
+        winattn.create_model("swin_tiny_patch4_window7_224", features_only=True, output_fmt="NLC")
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"indices": 2, "norm": True},
+        {"indices": [0, -1], "intermediates_only": True},
+        {"indices": [1], "stop_early": True, "intermediates_only": True},
+    ],
+)
+def test_forward_intermediates_matches_timm(name, kwargs):
+    timm = pytest.importorskip("timm")
+    # timm's V1 sizes its bias tables for the window it shrinks to: use the native size.
+    size = 224 if name.startswith("swin_") else 128
+    peer = randomize_(timm.create_model(name, pretrained=False, img_size=size))
+    ours = winattn.create_model(name, window_rule="timm")
+    ours.load_state_dict(peer.state_dict())
+    ours.eval()
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        expected = peer.forward_intermediates(x, **kwargs)
+        got = ours.forward_intermediates(x, **kwargs)
+    if kwargs.get("intermediates_only"):
+        expected, got = (None, expected), (None, got)
+    else:
+        torch.testing.assert_close(got[0], expected[0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours.forward_features(x), got[0], atol=0, rtol=0)
+    assert len(got[1]) == len(expected[1])
+    for a, b in zip(got[1], expected[1]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_nhwc_intermediates_are_the_nchw_ones_permuted():
+    model = randomize_(winattn.create_model("swinv2_tiny_window8_256"))
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        nchw = model.forward_intermediates(x, intermediates_only=True)
+        nhwc = model.forward_intermediates(x, intermediates_only=True, output_fmt="NHWC")
+    for a, b in zip(nchw, nhwc):
+        torch.testing.assert_close(a, b.permute(0, 3, 1, 2), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"])
+def test_feature_pyramid_trains_on_a_toy_target(family):
+    """Backbone -> torchvision FeaturePyramidNetwork -> 1x1 conv predicting, at stride 8, the
+    local mean brightness of the image; a few Adam steps lower the loss."""
+    ops = pytest.importorskip("torchvision.ops")
+    torch.manual_seed(0)
+    backbone = winattn.create_model(
+        family, features_only=True, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
+        window_size=4, drop_path_rate=0.0,
+    )
+    fpn = ops.FeaturePyramidNetwork(backbone.feature_info.channels(), out_channels=16)
+    head = torch.nn.Conv2d(16, 1, kernel_size=1)
+    params = [*backbone.parameters(), *fpn.parameters(), *head.parameters()]
+    optimizer = torch.optim.Adam(params, lr=1e-4)
+    images = torch.rand(4, 3, 64, 64)
+    target = torch.nn.functional.avg_pool2d(images.mean(1, keepdim=True), 8)  # (4, 1, 8, 8)
+    losses = []
+    for _ in range(12):
+        pyramid = fpn(backbone.forward_dict(images))
+        prediction = head(pyramid["1"])  # stride 8
+        loss = torch.nn.functional.mse_loss(prediction, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
