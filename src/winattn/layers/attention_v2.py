@@ -75,6 +75,14 @@ def _on_device(kind: str, window_size: tuple, pretrained: tuple, device: torch.d
     return relative_position_index(window_size).to(device)
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(x, dim=-1)``; in float16/bfloat16 computed in float32, where its eps of
+    1e-12 exists (in float16 it rounds to 0, and the all-zero keys of padded tokens give 0/0)."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return F.normalize(x.float(), dim=-1).to(x.dtype)
+    return F.normalize(x, dim=-1)
+
+
 class WindowAttentionV2(nn.Module):
     """Swin V2 window attention on ``(B, H, W, C)`` maps whose sides are multiples of the window.
 
@@ -174,8 +182,8 @@ class WindowAttentionV2(nn.Module):
         q, k, v = qkv.unbind(3)  # each (B, H, W, heads, d)
         # Cosine attention: the clamped per-head temperature is folded into the unit-norm q.
         logit_scale = torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()
-        q = F.normalize(q, dim=-1) * logit_scale.view(self.num_heads, 1).to(q.dtype)
-        k = F.normalize(k, dim=-1)
+        q = _unit(q) * logit_scale.view(self.num_heads, 1).to(q.dtype)
+        k = _unit(k)
         out = window_attention(
             q,
             k,
