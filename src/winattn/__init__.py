@@ -1,7 +1,19 @@
 """winattn: exact, fast local-window self-attention and the Swin Transformer family."""
 
 from .ops import WindowAttentionOp, window_attention
+from .ops.global_tokens import window_attention_with_globals
+from .ops.neighborhood import neighborhood_attention
+from .ops.sequence import sequence_window_attention
+from .ops.stripes import cross_shaped_window_attention
+from .ops.tiles import LocalAttentionSettings
 
 __version__ = "0.1.0"
 
 __all__ = ["WindowAttentionOp", "__version__", "window_attention"]
+__all__ += [
+    "LocalAttentionSettings",
+    "cross_shaped_window_attention",
+    "neighborhood_attention",
+    "sequence_window_attention",
+    "window_attention_with_globals",
+]
