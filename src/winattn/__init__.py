@@ -1,5 +1,6 @@
 """winattn: exact, fast local-window self-attention and the Swin Transformer family."""
 
+from .models import SwinConfig, SwinTransformer, create_model, list_models
 from .ops import WindowAttentionOp, window_attention
 from .ops.global_tokens import window_attention_with_globals
 from .ops.neighborhood import neighborhood_attention
@@ -9,7 +10,15 @@ from .ops.tiles import LocalAttentionSettings
 
 __version__ = "0.1.0"
 
-__all__ = ["WindowAttentionOp", "__version__", "window_attention"]
+__all__ = [
+    "SwinConfig",
+    "SwinTransformer",
+    "WindowAttentionOp",
+    "__version__",
+    "create_model",
+    "list_models",
+    "window_attention",
+]
 __all__ += [
     "LocalAttentionSettings",
     "cross_shaped_window_attention",
