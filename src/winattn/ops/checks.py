@@ -30,7 +30,9 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ranks=(4, 5,
             f"q, k and v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
         )
     if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise ValueError(
+            f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}"
+        )
 
 
 def normalize_bools(value: BoolOrTuple, ndim: int, name: str) -> tuple[bool, ...]:
@@ -40,7 +42,9 @@ def normalize_bools(value: BoolOrTuple, ndim: int, name: str) -> tuple[bool, ...
     try:
         items = tuple(value)
     except TypeError:
-        raise TypeError(f"{name} must be a bool or a tuple of {ndim} bools, got {value!r}") from None
+        raise TypeError(
+            f"{name} must be a bool or a tuple of {ndim} bools, got {value!r}"
+        ) from None
     if len(items) != ndim or not all(isinstance(i, bool) for i in items):
         raise ValueError(
             f"{name} must be a bool or a tuple of {ndim} bools (one per grid axis), got {value!r}"

@@ -120,7 +120,8 @@ def neighborhood_attention(
     settings = settings or DEFAULT_SETTINGS
     tiles = neighborhood_tile_size(kernel, settings)
     axes = tuple(
-        neighborhood_axis(n, kk, d, c, t) for n, kk, d, c, t in zip(grid, kernel, dil, causal, tiles)
+        neighborhood_axis(n, kk, d, c, t)
+        for n, kk, d, c, t in zip(grid, kernel, dil, causal, tiles)
     )
     plan = plan_tiles(grid, axes, extent)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
