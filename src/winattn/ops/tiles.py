@@ -325,16 +325,17 @@ def attend_tiles(
     """
     plan = plan_on_device(plan, q.device)
     batch, heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
-    channels = heads * head_dim
     tokens, keys = plan.tile_tokens, plan.key_tokens
-    q_flat = q.reshape(batch, -1, channels)  # (B, L, heads*d)
-    k_flat = k.reshape(batch, -1, channels)
-    v_flat = v.reshape(batch, -1, channels)
 
-    mask = plan.mask_as(q.dtype).unsqueeze(1)  # (T, 1, t, S)
+    def heads_first(x: torch.Tensor) -> torch.Tensor:
+        # One copy of the grid per tensor, so every tile gather below is contiguous.
+        return x.reshape(batch, -1, heads, head_dim).transpose(1, 2).contiguous()  # (B, h, L, d)
+
+    q_flat, k_flat, v_flat = heads_first(q), heads_first(k), heads_first(v)
+    mask = plan.mask_as(q.dtype).unsqueeze(0)  # (1, T, t, S)
     if bias is not None:
         table = bias.reshape(heads, -1).to(q.dtype)  # (heads, R)
-        mask = mask + table[:, plan.bias_index].transpose(0, 1)  # (T, heads, t, S)
+        mask = mask + table[:, plan.bias_index]  # (heads, T, t, S)
 
     query_index = plan.query_index.view(plan.num_tiles, tokens)
     key_index = plan.key_index.view(plan.num_tiles, keys)
@@ -346,16 +347,20 @@ def attend_tiles(
         count = last - first
 
         def gather(x: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
-            x = x.index_select(1, index[first:last].reshape(-1))  # (B, c*n, heads*d)
-            return x.view(batch, count, n, heads, head_dim).transpose(2, 3)  # (B, c, heads, n, d)
+            x = x.index_select(2, index[first:last].reshape(-1))  # (B, heads, c*n, d)
+            return x.view(batch, heads, count, n, head_dim)
 
+        # attend_windows sees heads as its "windows" axis and tiles as its "heads" axis: the
+        # mask then broadcasts over batch and heads without a copy.
         out = attend_windows(
             gather(q_flat, query_index, tokens),
             gather(k_flat, key_index, keys),
             gather(v_flat, key_index, keys),
-            mask[first:last],
+            mask[:, first:last],
             scale,
-        )  # (B, c, heads, t, d)
-        outputs.append(out.transpose(2, 3).reshape(batch, count * tokens, channels))
-    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # (B, T*t, heads*d)
-    return out.index_select(1, plan.scatter_index).view(q.shape)  # (B, *grid, heads, d)
+        )  # (B, heads, c, t, d)
+        outputs.append(out.reshape(batch, heads, count * tokens, head_dim))
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)  # (B, heads, T*t, d)
+    out = out.index_select(2, plan.scatter_index)  # (B, heads, L, d)
+    return out.transpose(1, 2).reshape(q.shape)  # (B, *grid, heads, d)
+  # (B, *grid, heads, d)

@@ -57,13 +57,15 @@ def attend_windows(
         # One mask for every window: fold windows into the batch.
         q_shape = (batch * num_windows, heads, tokens, head_dim)
         kv_shape = (batch * num_windows, heads, keys, head_dim)
-        attn_mask = None if mask is None else mask[0].to(q.dtype)  # (heads, N, M)
+        attn_mask = None if mask is None else mask[:1].to(q.dtype)  # (1, heads, N, M)
     else:
         # Per-window masks broadcast over the batch when windows join the head axis.
         q_shape = (batch, num_windows * heads, tokens, head_dim)
         kv_shape = (batch, num_windows * heads, keys, head_dim)
         attn_mask = mask.to(q.dtype).expand(num_windows, heads, tokens, keys)
-        attn_mask = attn_mask.reshape(num_windows * heads, tokens, keys)
+        # 4-D: PyTorch's fused CPU kernel takes only 2-D or 4-D masks (a 3-D one falls back to
+        # the unfused math path, several times slower).
+        attn_mask = attn_mask.reshape(1, num_windows * heads, tokens, keys)
     out = F.scaled_dot_product_attention(
         q.reshape(q_shape),
         k.reshape(kv_shape),
