@@ -33,12 +33,17 @@ def attend_with_lse(
         ``out (..., N, d)`` in the compute dtype (float32 for half types) and ``lse (..., N)``.
     """
     compute = torch.promote_types(q.dtype, torch.float32)
-    logits = torch.matmul(q * scale, k.transpose(-1, -2)).to(compute)  # (..., N, M)
+    q = q if scale == 1.0 else q * scale
+    logits = torch.matmul(q, k.transpose(-1, -2)).to(compute)  # (..., N, M)
     if mask is not None:
         logits = logits + mask.to(compute)
-    lse = torch.logsumexp(logits, dim=-1)  # (..., N)
-    probs = torch.exp(logits - lse.unsqueeze(-1))
-    return torch.matmul(probs.to(v.dtype), v).to(compute), lse
+    # One exp pass: the row max is a constant shift (detached: the result does not depend on
+    # it), so lse = max + log(sum) and out = (p @ v) / sum stay exact, gradients included.
+    row_max = logits.detach().amax(dim=-1, keepdim=True)  # (..., N, 1)
+    probs = torch.exp(logits - row_max)
+    total = probs.sum(dim=-1, keepdim=True)
+    out = torch.matmul(probs.to(v.dtype), v).to(compute) / total
+    return out, (row_max + torch.log(total)).squeeze(-1)
 
 
 def merge_by_lse(
@@ -129,13 +134,13 @@ def window_attention_with_globals(
         t = t.view(batch, plan.num_windows, plan.window_tokens, heads, head_dim)
         return t.transpose(2, 3)  # (B, nW, heads, N, d)
 
-    q_windows = to_windows(q)
+    q_windows = to_windows(q) * call.scale  # scaled once for both parts
     out_w, lse_w = attend_with_lse(
-        q_windows, to_windows(k), to_windows(v), window_mask(call, q.dtype), call.scale
+        q_windows, to_windows(k), to_windows(v), window_mask(call, q.dtype), 1.0
     )  # (B, nW, heads, N, d), (B, nW, heads, N)
     keys_g = global_k.permute(0, 2, 1, 3).unsqueeze(1)  # (B, 1, heads, G, d)
     values_g = global_v.permute(0, 2, 1, 3).unsqueeze(1)
-    out_g, lse_g = attend_with_lse(q_windows, keys_g, values_g, None, call.scale)
+    out_g, lse_g = attend_with_lse(q_windows, keys_g, values_g, None, 1.0)
     out = merge_by_lse(out_w, lse_w, out_g, lse_g).to(q.dtype)  # (B, nW, heads, N, d)
     out = out.transpose(2, 3).reshape(batch, plan.num_windows, plan.window_tokens, channels)
     return plan.reverse(out).view(q.shape)  # (B, *grid, heads, d)
