@@ -22,8 +22,9 @@ RECTANGLES = [
 ]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("grid, window, shift", RECTANGLES)
-def test_rectangular_windows_match_the_oracle(grid, window, shift):
+def test_rectangular_windows_match_the_oracle(grid, window, shift, dtype):
     heads, tokens = 2, math.prod(window)
     inputs = random_inputs([(2, *grid, heads, 8)] * 3 + [(heads, tokens, tokens)])
 
@@ -32,7 +33,7 @@ def test_rectangular_windows_match_the_oracle(grid, window, shift):
             q, k, v, window, shift_size=shift, bias=bias, backend=backend
         )
 
-    assert_matches_oracle(run("sdpa"), run("reference"), inputs)
+    assert_matches_oracle(run("sdpa"), run("reference"), inputs, dtype=dtype)
 
 
 CSWIN = [
