@@ -56,6 +56,17 @@ def timed(fn: Callable[[], torch.Tensor], warmup: int, repeat: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def with_backward(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``fn`` followed by a backward pass of an all-ones upstream gradient."""
+
+    def run() -> torch.Tensor:
+        out = fn()
+        out.backward(torch.ones_like(out))
+        return out
+
+    return run
+
+
 def matmul_peak_gflops() -> float:
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     ms = timed(lambda: a @ b, 2, 10)
@@ -101,9 +112,9 @@ def window_additive_mask(grid, window, shift) -> torch.Tensor:
     return additive.masked_fill(window_id[:, None] != window_id[None, :], float("-inf"))
 
 
-def build_cases(batch: int, heads: int, head_dim: int) -> list[Case]:
+def build_cases(batch: int, heads: int, head_dim: int, grad: bool = False) -> list[Case]:
     def qkv(*grid, b=batch, h=heads):
-        return [torch.randn(b, *grid, h, head_dim) for _ in range(3)]
+        return [torch.randn(b, *grid, h, head_dim, requires_grad=grad) for _ in range(3)]
 
     cases = []
 
@@ -199,7 +210,7 @@ def build_cases(batch: int, heads: int, head_dim: int) -> list[Case]:
     )
     # Windows plus 16 global tokens (HiLo-style pooled keys).
     q, k, v = qkv(56, 56)
-    gk, gv = (torch.randn(batch, 64, heads, head_dim) for _ in range(2))
+    gk, gv = (torch.randn(batch, 64, heads, head_dim, requires_grad=grad) for _ in range(2))
     additive = window_additive_mask((56, 56), (7, 7), (3, 3))
     additive = torch.cat([additive, torch.zeros(56 * 56, 64)], dim=1)
     add(
@@ -260,16 +271,20 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--backward", action="store_true", help="time forward + backward")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     peak, bandwidth = matmul_peak_gflops(), copy_bandwidth_gbs()
     rows = []
-    with torch.no_grad():
-        for case in build_cases(args.batch, args.heads, args.head_dim):
-            fast = case.fast()
-            dense = case.dense()
+    with torch.set_grad_enabled(args.backward):
+        for case in build_cases(args.batch, args.heads, args.head_dim, args.backward):
+            fast = case.fast().detach()
+            dense = case.dense().detach()
+            if args.backward:
+                case.fast, case.dense = with_backward(case.fast), with_backward(case.dense)
+                case.useful_flops *= 3  # backward: about twice the forward's matmul work
             max_diff = (fast - dense).abs().max().item()
             fast_ms = timed(case.fast, args.warmup, args.repeat)
             dense_ms = timed(case.dense, args.warmup, args.repeat)
@@ -294,7 +309,8 @@ def main() -> None:
         f"{info['commit']}; load average before/after "
         f"{'/'.join(f'{x:.1f}' for x in info['load_average'])} / "
         f"{'/'.join(f'{x:.1f}' for x in info['load_average_after'])}; matmul peak "
-        f"{peak:.0f} GFLOP/s, copy {bandwidth:.1f} GB/s. Forward, float32, no grad.\n"
+        f"{peak:.0f} GFLOP/s, copy {bandwidth:.1f} GB/s. float32, "
+        f"{'forward + backward' if args.backward else 'forward only, no grad'}.\n"
     )
     print(
         "| pattern | shape | fast (ms) | dense masked (ms) | speed-up | fast GFLOP/s (useful) "
