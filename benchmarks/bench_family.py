@@ -276,6 +276,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    load_before = os.getloadavg()
     peak, bandwidth = matmul_peak_gflops(), copy_bandwidth_gbs()
     rows = []
     with torch.set_grad_enabled(args.backward):
@@ -301,6 +302,7 @@ def main() -> None:
             )
             print(f"done: {case.pattern}", file=sys.stderr)
     info = machine_info(args.threads)
+    info["load_average"] = load_before
     info["load_average_after"] = os.getloadavg()
     info["matmul_peak_gflops"] = peak
     info["copy_bandwidth_gbs"] = bandwidth

@@ -328,9 +328,17 @@ def attend_tiles(
     tokens, keys = plan.tile_tokens, plan.key_tokens
 
     def heads_first(x: torch.Tensor) -> torch.Tensor:
-        # One copy of the grid per tensor, so every tile gather below is contiguous.
-        return x.reshape(batch, -1, heads, head_dim).transpose(1, 2).contiguous()  # (B, h, L, d)
+        # One copy of the grid per tensor, so every tile gather below reads whole rows.
+        x = x.reshape(batch, -1, heads, head_dim).transpose(1, 2)  # (B, heads, L, d)
+        return x.reshape(-1, head_dim)  # (B*heads*L, d)
 
+    def rows(index: torch.Tensor, length: int) -> torch.Tensor:
+        # index_select on dim 0 of a 2-D tensor is several times faster on CPU than on an
+        # inner dim of a 4-D one; offset the index by each (batch, head)'s block of rows.
+        offsets = torch.arange(batch * heads, device=index.device) * length
+        return (offsets[:, None] + index.reshape(1, -1)).reshape(-1)  # (B*heads*n,)
+
+    length = math.prod(plan.grid)
     q_flat, k_flat, v_flat = heads_first(q), heads_first(k), heads_first(v)
     mask = plan.mask_as(q.dtype).unsqueeze(0)  # (1, T, t, S)
     if bias is not None:
@@ -347,7 +355,7 @@ def attend_tiles(
         count = last - first
 
         def gather(x: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
-            x = x.index_select(2, index[first:last].reshape(-1))  # (B, heads, c*n, d)
+            x = x.index_select(0, rows(index[first:last], length))  # (B*heads*c*n, d)
             return x.view(batch, heads, count, n, head_dim)
 
         # attend_windows sees heads as its "windows" axis and tiles as its "heads" axis: the
@@ -361,6 +369,8 @@ def attend_tiles(
         )  # (B, heads, c, t, d)
         outputs.append(out.reshape(batch, heads, count * tokens, head_dim))
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)  # (B, heads, T*t, d)
-    out = out.index_select(2, plan.scatter_index)  # (B, heads, L, d)
+    slots = plan.num_tiles * tokens
+    out = out.reshape(-1, head_dim).index_select(0, rows(plan.scatter_index, slots))
+    out = out.view(batch, heads, length, head_dim)  # (B, heads, L, d)
     return out.transpose(1, 2).reshape(q.shape)  # (B, *grid, heads, d)
   # (B, *grid, heads, d)
