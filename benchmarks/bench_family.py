@@ -44,6 +44,23 @@ class Case:
     useful_flops: float  # 4 * B * heads * sum over queries of keys seen * head_dim
 
 
+def timed_pair(
+    fast: Callable[[], torch.Tensor], dense: Callable[[], torch.Tensor], warmup: int, repeat: int
+) -> tuple[float, float]:
+    """Median wall times (ms) of two functions, run alternately so that both see the same
+    background load (the machine is shared)."""
+    for _ in range(warmup):
+        fast()
+        dense()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeat):
+        for fn, bucket in ((fast, times[0]), (dense, times[1])):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
+
+
 def timed(fn: Callable[[], torch.Tensor], warmup: int, repeat: int) -> float:
     """Median wall time of ``fn`` in ms."""
     for _ in range(warmup):
@@ -270,7 +287,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--backward", action="store_true", help="time forward + backward")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -287,8 +304,7 @@ def main() -> None:
                 case.fast, case.dense = with_backward(case.fast), with_backward(case.dense)
                 case.useful_flops *= 3  # backward: about twice the forward's matmul work
             max_diff = (fast - dense).abs().max().item()
-            fast_ms = timed(case.fast, args.warmup, args.repeat)
-            dense_ms = timed(case.dense, args.warmup, args.repeat)
+            fast_ms, dense_ms = timed_pair(case.fast, case.dense, args.warmup, args.repeat)
             rows.append(
                 {
                     "pattern": case.pattern,
