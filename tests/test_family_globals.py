@@ -9,6 +9,7 @@ import torch
 from _family_helpers import assert_low_precision_rule, assert_matches_oracle, random_inputs
 
 from winattn import window_attention, window_attention_with_globals
+from winattn.ops import global_tokens
 from winattn.ops.family_reference import dense_attention, window_globals_reference
 from winattn.ops.global_tokens import attend_with_lse, merge_by_lse
 
@@ -78,3 +79,35 @@ def test_globals_that_no_query_prefers_leave_window_attention():
     global_k = torch.full((1, 2, 2, 8), -50.0, dtype=q.dtype)
     out = window_attention_with_globals(q, k, v, (3, 4), global_k, v[:, 0, :2])
     torch.testing.assert_close(out, window_attention(q, k, v, (3, 4)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_inference_path_matches_oracle(case, dtype, monkeypatch):
+    """Without autograd the CPU path runs both parts through the fused kernel."""
+    served = []
+    original = global_tokens._fused_forward
+
+    def recording(*args):
+        out = original(*args)
+        served.append(out is not None)
+        return out
+
+    monkeypatch.setattr(global_tokens, "_fused_forward", recording)
+    fast, oracle, inputs = _setup(case)
+    expected = oracle(*inputs)
+    with torch.no_grad():
+        out = fast(*(t.to(dtype) for t in inputs)).double()
+    assert served == [True]
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(out, expected, **tol)
+
+
+def test_inference_path_bfloat16_tolerance_rule():
+    fast, oracle, inputs = _setup(CASES[0])
+    expected = oracle(*inputs)
+    low = [t.to(torch.bfloat16) for t in inputs]
+    with torch.no_grad():
+        err = (fast(*low).double() - expected).abs().max().item()
+        ref_err = (oracle(*low).double() - expected).abs().max().item()
+    assert err <= 2 * ref_err + 1e-3, (err, ref_err)

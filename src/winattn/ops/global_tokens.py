@@ -134,6 +134,10 @@ def window_attention_with_globals(
         t = t.view(batch, plan.num_windows, plan.window_tokens, heads, head_dim)
         return t.transpose(2, 3)  # (B, nW, heads, N, d)
 
+    if not call.needs_grad and not global_k.requires_grad and not global_v.requires_grad:
+        fused = _fused_forward(call, to_windows, global_k, global_v)
+        if fused is not None:
+            return fused
     q_windows = to_windows(q) * call.scale  # scaled once for both parts
     out_w, lse_w = attend_with_lse(
         q_windows, to_windows(k), to_windows(v), window_mask(call, q.dtype), 1.0
@@ -144,3 +148,52 @@ def window_attention_with_globals(
     out = merge_by_lse(out_w, lse_w, out_g, lse_g).to(q.dtype)  # (B, nW, heads, N, d)
     out = out.transpose(2, 3).reshape(batch, plan.num_windows, plan.window_tokens, channels)
     return plan.reverse(out).view(q.shape)  # (B, *grid, heads, d)
+
+
+def _fused_forward(call, to_windows, global_k: torch.Tensor, global_v: torch.Tensor):
+    """Inference on CPU: both parts through PyTorch's fused CPU attention kernel, which returns
+    the log-sum-exp with the output; then the same exact merge. None where it cannot serve.
+
+    (Training keeps the explicit path: the fused kernel's backward gives no gradient for the
+    additive mask, i.e. for a learned relative-position bias.)
+    """
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if flash is None or call.q.device.type != "cpu":
+        return None
+    plan = call.plan
+    batch, heads, head_dim = call.batch, call.heads, call.head_dim
+    windows, tokens = plan.num_windows, plan.window_tokens
+    q_windows, k_windows, v_windows = (to_windows(t) for t in (call.q, call.k, call.v))
+    mask = window_mask(call, call.q.dtype)  # (nW or 1, heads, N, N) or None
+    if mask is None or mask.shape[0] == 1:
+        shape4 = (batch * windows, heads, tokens, head_dim)
+    else:
+        shape4 = (batch, windows * heads, tokens, head_dim)
+        mask = mask.expand(windows, heads, tokens, tokens).reshape(1, -1, tokens, tokens)
+    out_w, lse_w = flash(
+        q_windows.reshape(shape4),
+        k_windows.reshape(shape4),
+        v_windows.reshape(shape4),
+        0.0,
+        False,
+        attn_mask=mask,
+        scale=call.scale,
+    )
+    out_w = out_w.reshape(batch, windows, heads, tokens, head_dim)
+    lse_w = lse_w.reshape(batch, windows, heads, tokens)
+    # Global part: every query of every window against the same G keys, heads-major.
+    q_heads = q_windows.permute(0, 2, 1, 3, 4).reshape(batch, heads, windows * tokens, head_dim)
+    out_g, lse_g = flash(
+        q_heads,
+        global_k.transpose(1, 2),  # (B, heads, G, d)
+        global_v.transpose(1, 2),
+        0.0,
+        False,
+        scale=call.scale,
+    )  # (B, heads, nW*N, d), (B, heads, nW*N)
+    out_g = out_g.reshape(batch, heads, windows, tokens, head_dim).transpose(1, 2)
+    lse_g = lse_g.reshape(batch, heads, windows, tokens).transpose(1, 2)
+    compute = torch.promote_types(call.q.dtype, torch.float32)
+    out = merge_by_lse(out_w.to(compute), lse_w, out_g.to(compute), lse_g).to(call.q.dtype)
+    out = out.transpose(2, 3).reshape(batch, windows, tokens, heads * head_dim)
+    return plan.reverse(out).view(call.q.shape)  # (B, *grid, heads, d)
