@@ -155,11 +155,11 @@ def build_cases(batch: int, heads: int, head_dim: int, grad: bool = False) -> li
             q,
         )
     # Neighbourhood attention 3-D.
-    q, k, v = qkv(8, 20, 20, b=1)
-    mask = neighbourhood_mask((8, 20, 20), (3, 7, 7), (1, 1, 1), (False,) * 3)
+    q, k, v = qkv(8, 28, 28, b=1)
+    mask = neighbourhood_mask((8, 28, 28), (3, 7, 7), (1, 1, 1), (False,) * 3)
     add(
         "neighborhood 3-D",
-        f"B1 8x20x20 h{heads} d{head_dim} k(3,7,7)",
+        f"B1 8x28x28 h{heads} d{head_dim} k(3,7,7)",
         lambda q=q, k=k, v=v: winattn.neighborhood_attention(q, k, v, (3, 7, 7)),
         lambda q=q, k=k, v=v, m=mask: dense_masked(q, k, v, m),
         147,
