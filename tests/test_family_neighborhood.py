@@ -202,3 +202,27 @@ def test_kernel_equal_to_grid_is_global_attention():
     flat = lambda t: t.reshape(2, 35, 2, 8).transpose(1, 2)  # noqa: E731
     dense = torch.nn.functional.scaled_dot_product_attention(flat(q), flat(k), flat(v))
     torch.testing.assert_close(out, dense.transpose(1, 2).reshape(out.shape))
+
+
+@pytest.mark.slow
+def test_random_geometries_sweep():
+    """Many random grids, kernels, dilations and causal flags, forward and backward."""
+    generator = torch.Generator().manual_seed(1234)
+
+    def draw(low, high):
+        return int(torch.randint(low, high + 1, (1,), generator=generator))
+
+    for _ in range(60):
+        ndim = draw(1, 3)
+        grid = tuple(draw(1, 12 if ndim < 3 else 6) for _ in range(ndim))
+        causal = tuple(bool(draw(0, 1)) for _ in range(ndim))
+        kernel, dilation = [], []
+        for n, c in zip(grid, causal):
+            k = draw(1, n)
+            if not c and k % 2 == 0:
+                k -= 1
+            kernel.append(k)
+            dilation.append(draw(1, n // k))
+        case = (grid, tuple(kernel), tuple(dilation), causal, draw(1, 2), 8)
+        fast, oracle, inputs = _setup(case)
+        assert_matches_oracle(fast, oracle, inputs)

@@ -12,7 +12,8 @@ import math
 import torch
 
 from .backends.reference import token_geometry
-from .geometry import SHIFT_REGION_PENALTY, normalize_tuple
+from .checks import BoolOrTuple
+from .geometry import SHIFT_REGION_PENALTY, IntOrTuple, normalize_tuple
 
 
 def dense_attention(
@@ -74,10 +75,10 @@ def neighborhood_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    kernel_size,
+    kernel_size: IntOrTuple,
     *,
-    dilation=1,
-    is_causal=False,
+    dilation: IntOrTuple = 1,
+    is_causal: BoolOrTuple = False,
     bias: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
@@ -139,7 +140,12 @@ def sequence_reference(
 
 
 def cross_shaped_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stripe_width: int, *, scale=None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    stripe_width: int,
+    *,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Dense oracle of :func:`~winattn.ops.stripes.cross_shaped_window_attention`: the first
     half of the heads see the keys in the same column stripe (``x // sw``), the second half those
@@ -158,11 +164,11 @@ def window_globals_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    window_size,
+    window_size: IntOrTuple,
     global_k: torch.Tensor,
     global_v: torch.Tensor,
     *,
-    shift_size=0,
+    shift_size: IntOrTuple = 0,
     bias: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
