@@ -143,8 +143,8 @@ class TilePlan:
         scatter_index: ``(prod(grid),)`` the query slot that holds every grid position's output.
         mask: ``(num_tiles, tile_tokens, key_tokens)`` float32, 0 where the key is seen and
             -inf elsewhere; empty query slots see every key so that no row is empty.
-        bias_index: ``(num_tiles, tile_tokens, key_tokens)`` flat index into a relative-position
-            bias table of shape ``(heads, 2k_0 - 1, ..., 2k_{d-1} - 1)`` (flattened per head).
+        axes, bias_extent: the per-axis tiles and bias-table extents the plan was built from,
+            for :func:`bias_index_of` (None for plans that take no bias).
     """
 
     grid: tuple[int, ...]
@@ -156,14 +156,15 @@ class TilePlan:
     key_index: torch.Tensor
     scatter_index: torch.Tensor
     mask: torch.Tensor
-    bias_index: torch.Tensor
+    axes: tuple[AxisTiles, ...] | None
+    bias_extent: tuple[int, ...] | None
 
     def mask_as(self, dtype: torch.dtype) -> torch.Tensor:
         """The additive mask in ``dtype`` (cached per dtype)."""
         return _tile_mask_in_dtype(self, dtype)
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=64)
 def _tile_mask_in_dtype(plan: TilePlan, dtype: torch.dtype) -> torch.Tensor:
     return plan.mask.to(dtype)
 
@@ -199,7 +200,7 @@ def plan_tiles(
     return _plan_tiles(tuple(grid), tuple(axes), tuple(bias_extent))
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=64)
 def _plan_tiles(
     grid: tuple[int, ...], axes: tuple[AxisTiles, ...], bias_extent: tuple[int, ...]
 ) -> TilePlan:
@@ -214,16 +215,10 @@ def _plan_tiles(
     query_flat = query_flat.reshape(num_tiles, tile_tokens)
     key_flat = key_flat.reshape(num_tiles, key_tokens)
 
-    # allowed and bias index live on (T_0..T_{n-1}, t_0..t_{n-1}, S_0..S_{n-1}).
     allowed = torch.ones((), dtype=torch.bool)
-    bias_index = torch.zeros((), dtype=torch.long)
     for axis, a in enumerate(axes):
-        shape = [1] * (3 * ndim)
-        shape[axis], shape[ndim + axis], shape[2 * ndim + axis] = a.allowed.shape
-        allowed = allowed & a.allowed.view(shape)
-        bias_index = bias_index * bias_extent[axis] + a.rel.view(shape)
+        allowed = allowed & a.allowed.view(_product_shape(axis, ndim, a.allowed.shape))
     allowed = allowed.reshape(num_tiles, tile_tokens, key_tokens)
-    bias_index = bias_index.reshape(num_tiles, tile_tokens, key_tokens)
     query_ok = query_flat >= 0
     allowed = allowed | ~query_ok[:, :, None]
     mask = torch.zeros(num_tiles, tile_tokens, key_tokens).masked_fill_(~allowed, float("-inf"))
@@ -243,11 +238,34 @@ def _plan_tiles(
         key_index=key_flat.clamp(min=0).reshape(-1),
         scatter_index=slot_of,
         mask=mask,
-        bias_index=bias_index,
+        axes=axes,
+        bias_extent=bias_extent,
     )
 
 
-@lru_cache(maxsize=256)
+def _product_shape(axis: int, ndim: int, shape: torch.Size) -> list[int]:
+    """Where axis ``axis``'s ``(T, t, S)`` tensor sits in the product layout
+    ``(T_0..T_{n-1}, t_0..t_{n-1}, S_0..S_{n-1})``."""
+    full = [1] * (3 * ndim)
+    full[axis], full[ndim + axis], full[2 * ndim + axis] = shape
+    return full
+
+
+@lru_cache(maxsize=16)
+def bias_index_of(plan: TilePlan, device: torch.device) -> torch.Tensor:
+    """``(num_tiles, tile_tokens, key_tokens)`` flat index into a relative-position bias table
+    ``(heads, 2k_0 - 1, ..., 2k_{n-1} - 1)`` flattened per head (built only when a bias is
+    given: it is the largest tensor of a plan)."""
+    if plan.axes is None or plan.bias_extent is None:
+        raise ValueError("this tile plan takes no relative-position bias")
+    ndim = len(plan.grid)
+    index = torch.zeros((), dtype=torch.long)
+    for axis, a in enumerate(plan.axes):
+        index = index * plan.bias_extent[axis] + a.rel.view(_product_shape(axis, ndim, a.rel.shape))
+    return index.reshape(plan.num_tiles, plan.tile_tokens, plan.key_tokens).to(device)
+
+
+@lru_cache(maxsize=64)
 def with_sink_keys(plan: TilePlan, num_sinks: int, causal: bool) -> TilePlan:
     """A 1-D plan whose every tile also sees the first ``num_sinks`` positions ("sink" tokens).
 
@@ -276,13 +294,12 @@ def with_sink_keys(plan: TilePlan, num_sinks: int, causal: bool) -> TilePlan:
         key_index=torch.cat([key_pos, sinks.expand(tiles, num_sinks)], dim=1).reshape(-1),
         scatter_index=plan.scatter_index,
         mask=torch.cat([plan.mask, sink_mask], dim=2),
-        bias_index=torch.cat(
-            [plan.bias_index, torch.zeros(tiles, tokens, num_sinks, dtype=torch.long)], dim=2
-        ),
+        axes=None,
+        bias_extent=None,
     )
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=64)
 def plan_on_device(plan: TilePlan, device: torch.device) -> TilePlan:
     """The plan's tensors on ``device`` (cached)."""
     if device.type == "cpu":
@@ -297,7 +314,8 @@ def plan_on_device(plan: TilePlan, device: torch.device) -> TilePlan:
         key_index=plan.key_index.to(device),
         scatter_index=plan.scatter_index.to(device),
         mask=plan.mask.to(device),
-        bias_index=plan.bias_index.to(device),
+        axes=plan.axes,
+        bias_extent=plan.bias_extent,
     )
 
 
@@ -323,6 +341,7 @@ def attend_tiles(
     Returns:
         ``(B, *grid, heads, head_dim)``.
     """
+    bias_index = None if bias is None else bias_index_of(plan, q.device)
     plan = plan_on_device(plan, q.device)
     batch, heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
     tokens, keys = plan.tile_tokens, plan.key_tokens
@@ -343,7 +362,7 @@ def attend_tiles(
     mask = plan.mask_as(q.dtype).unsqueeze(0)  # (1, T, t, S)
     if bias is not None:
         table = bias.reshape(heads, -1).to(q.dtype)  # (heads, R)
-        mask = mask + table[:, plan.bias_index]  # (heads, T, t, S)
+        mask = mask + table[:, bias_index]  # (heads, T, t, S)
 
     query_index = plan.query_index.view(plan.num_tiles, tokens)
     key_index = plan.key_index.view(plan.num_tiles, keys)
@@ -373,4 +392,6 @@ def attend_tiles(
     out = out.reshape(-1, head_dim).index_select(0, rows(plan.scatter_index, slots))
     out = out.view(batch, heads, length, head_dim)  # (B, heads, L, d)
     return out.transpose(1, 2).reshape(q.shape)  # (B, *grid, heads, d)
-  # (B, *grid, heads, d)
+
+
+# (B, *grid, heads, d)
