@@ -3,6 +3,11 @@
 from .models import SwinConfig, SwinTransformer, create_model, list_models
 from .models import SwinFeatures, SwinTransformerV2, SwinV2Config
 from .ops import WindowAttentionOp, window_attention
+from .ops.global_tokens import window_attention_with_globals
+from .ops.neighborhood import neighborhood_attention
+from .ops.sequence import sequence_window_attention
+from .ops.stripes import cross_shaped_window_attention
+from .ops.tiles import LocalAttentionSettings
 from .export import export_onnx
 
 __version__ = "0.1.0"
@@ -19,4 +24,11 @@ __all__ = [
     "export_onnx",
     "list_models",
     "window_attention",
+]
+__all__ += [
+    "LocalAttentionSettings",
+    "cross_shaped_window_attention",
+    "neighborhood_attention",
+    "sequence_window_attention",
+    "window_attention_with_globals",
 ]
