@@ -141,10 +141,12 @@ class WindowAttentionV2(nn.Module):
             coords = _on_device("coords", window_size, self.pretrained_window_size, device)
             index = _on_device("index", window_size, self.pretrained_window_size, device)
         coords = coords.to(self.cpb_mlp[0].weight.dtype)
-        table = self.cpb_mlp(coords)  # ((2wh-1)*(2ww-1), heads)
+        # 16 * sigmoid is elementwise: applied to the small table before the gather (the
+        # peers apply it after), the same values at (2w-1)^2 / N^2 of the cost.
+        table = 16 * torch.sigmoid(self.cpb_mlp(coords))  # ((2wh-1)*(2ww-1), heads)
+        table = table.t().contiguous()  # (heads, (2wh-1)*(2ww-1))
         tokens = index.shape[0]
-        bias = table[index.reshape(-1)].view(tokens, tokens, self.num_heads)  # (N, N, heads)
-        return 16 * torch.sigmoid(bias.permute(2, 0, 1))  # (heads, N, N)
+        return table[:, index.reshape(-1)].view(self.num_heads, tokens, tokens)  # (heads, N, N)
 
     def position_bias(self, window_size: tuple[int, int]) -> torch.Tensor:
         """``(heads, N, N)`` continuous position bias for ``window_size`` (any window).
