@@ -120,7 +120,8 @@ def test_onnx_v1_one_file_three_resolutions(tmp_path):
 def test_compile_fullgraph_no_recompile_across_resolutions():
     """One graph for three resolutions with dynamic shapes (no per-shape recompiles)."""
     # One stage keeps the trace short; the merging layers are traced by the ONNX tests.
-    model = randomize_(SwinTransformerV2(SwinV2Config(**{**TINY, "depths": (2,), "num_heads": (1,)})))
+    config = SwinV2Config(**{**TINY, "depths": (2,), "num_heads": (1,)})
+    model = randomize_(SwinTransformerV2(config))
     graphs = []
 
     def counting_backend(gm, example_inputs):

@@ -12,6 +12,8 @@ import os
 import torch
 from torch import nn
 
+from .models.swin import to_2tuple
+
 #: The exporter's lowest supported opset: LayerNormalization is a native op from 17 on.
 MIN_OPSET = 17
 
@@ -23,7 +25,7 @@ def general_input_size(model: nn.Module) -> tuple[int, int]:
     the input size; an exported graph covers one regime, this one.
     """
     config = model.config
-    window = config.window_size if isinstance(config.window_size, tuple) else (config.window_size,) * 2
+    window = to_2tuple(config.window_size, "window_size")
     stride = config.patch_size * 2 ** (len(config.depths) - 1)
     return stride * window[0] + 1, stride * window[1] + 1
 
@@ -34,7 +36,7 @@ def example_size(model: nn.Module) -> tuple[int, int]:
     window padding (so a block that pads only when needed still puts its pad in the graph; a
     zero pad then serves sizes that need none)."""
     config = model.config
-    window = config.window_size if isinstance(config.window_size, tuple) else (config.window_size,) * 2
+    window = to_2tuple(config.window_size, "window_size")
     base = general_input_size(model)
     stride = config.patch_size * 2 ** (len(config.depths) - 1)
 
@@ -71,8 +73,8 @@ def export_onnx(
     With ``dynamic=True`` the batch, height and width axes of the input are symbolic: one file
     serves every input size of at least :func:`general_input_size` (every stage's map larger
     than the window; smaller inputs follow another window rule, and the graph does not check).
-    Patch, merge and window padding are traced as functions of the size. The trace runs in eval mode on ``example_input`` (default: batch 2 at
-    :func:`example_size`).
+    Patch, merge and window padding are traced as functions of the size. The trace runs in
+    eval mode on ``example_input`` (default: batch 2 at :func:`example_size`).
 
     Args:
         model: a winattn model (``create_model``), or any module taking ``(B, C, H, W)`` images.

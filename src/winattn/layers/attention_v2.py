@@ -31,7 +31,9 @@ MAX_LOGIT_SCALE = math.log(100.0)
 
 
 
-def _cpb_coords(window_size: tuple[int, int], pretrained_window_size: tuple[int, int]) -> torch.Tensor:
+def _cpb_coords(
+    window_size: tuple[int, int], pretrained_window_size: tuple[int, int]
+) -> torch.Tensor:
     h = torch.arange(-(window_size[0] - 1), window_size[0], dtype=torch.float32)
     w = torch.arange(-(window_size[1] - 1), window_size[1], dtype=torch.float32)
     table = torch.stack(torch.meshgrid(h, w, indexing="ij"), dim=-1)  # (2wh-1, 2ww-1, 2)
@@ -69,7 +71,9 @@ def cpb_coords(
 
 
 @lru_cache(maxsize=256)
-def _on_device(kind: str, window_size: tuple, pretrained: tuple, device: torch.device) -> torch.Tensor:
+def _on_device(
+    kind: str, window_size: tuple, pretrained: tuple, device: torch.device
+) -> torch.Tensor:
     if kind == "coords":
         return _cpb_coords_cached(window_size, pretrained).to(device)
     return relative_position_index(window_size).to(device)

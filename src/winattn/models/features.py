@@ -88,7 +88,9 @@ def forward_intermediates(
         x = stage(x)  # (B, H_i, W_i, C_i)
         if i in taken:
             out = model.norm(x) if norm and i == num_stages - 1 else x
-            intermediates.append(out.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else out)
+            if output_fmt == "NCHW":
+                out = out.permute(0, 3, 1, 2).contiguous()  # (B, C_i, H_i, W_i)
+            intermediates.append(out)
     if intermediates_only:
         return intermediates
     return model.norm(x), intermediates
@@ -189,7 +191,8 @@ class SwinFeatures(nn.Module):
         for i, stage in enumerate(self.layers):
             x = stage(x)  # (B, H_i, W_i, C_i)
             if i in self.out_indices:
-                features.append(x.permute(0, 3, 1, 2).contiguous() if self.output_fmt == "NCHW" else x)
+                nchw = self.output_fmt == "NCHW"
+                features.append(x.permute(0, 3, 1, 2).contiguous() if nchw else x)
         return features
 
     def forward_dict(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":

@@ -292,7 +292,10 @@ class SwinTransformer(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs as timm returns them; see :func:`winattn.models.features.forward_intermediates`."""
+        """Stage outputs as timm returns them.
+
+        See :func:`winattn.models.features.forward_intermediates`.
+        """
         from .features import forward_intermediates
 
         return forward_intermediates(

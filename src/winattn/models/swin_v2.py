@@ -11,6 +11,7 @@ Reads top to bottom: block -> stage -> model -> checkpoint checks -> config -> r
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -259,7 +260,10 @@ class SwinTransformerV2(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs as timm returns them; see :func:`winattn.models.features.forward_intermediates`."""
+        """Stage outputs as timm returns them.
+
+        See :func:`winattn.models.features.forward_intermediates`.
+        """
         from .features import forward_intermediates
 
         return forward_intermediates(
@@ -305,21 +309,25 @@ class SwinTransformerV2(nn.Module):
         largest entry tells by which window the coordinates were normalised
         (``pretrained_window_size - 1`` or ``window - 1``). The CPB MLP only gives the trained
         biases when the model normalises by the same window; a fine-tuned checkpoint loaded
-        without its ``pretrained_window_sizes`` silently gives other outputs. Tables of
-        timm-layout keys (``layers.{i}.blocks.{j}.attn.relative_coords_table``) are checked;
-        convert other layouts' keys first. Checkpoints without tables pass.
+        without its ``pretrained_window_sizes`` silently gives other outputs. Official/timm keys
+        (``layers.{i}.blocks.{j}.attn.relative_coords_table``) and torchvision keys
+        (``features.{2i+1}.{j}.attn.relative_coords_table``) are read; checkpoints without
+        tables (timm, Hugging Face) pass. Call it on the raw state dict, before conversion
+        drops the buffers.
 
         Raises:
             ValueError: naming the stage, the checkpoint's window and the setting to use.
         """
         expected = _model_divisors(self)
         for key, table in state_dict.items():
-            if not key.endswith("attn.relative_coords_table"):
+            official = _OFFICIAL_TABLE.match(key)
+            torchvision = _TORCHVISION_TABLE.match(key)
+            if official:
+                stage = int(official.group(1))
+            elif torchvision and int(torchvision.group(1)) % 2 == 1:
+                stage = (int(torchvision.group(1)) - 1) // 2
+            else:
                 continue
-            parts = key.split(".")
-            if len(parts) < 2 or parts[0] != "layers" or not parts[1].isdigit():
-                continue
-            stage = int(parts[1])
             if stage >= len(expected):
                 continue
             found = _table_divisor(table)
@@ -334,6 +342,16 @@ class SwinTransformerV2(nn.Module):
                     f"pretrained_window_sizes={self.config.pretrained_window_sizes}); build the "
                     f"model with pretrained_window_sizes[{stage}]={ckpt_window}"
                 )
+
+
+# Where the coordinate tables sit: official/timm ``layers.{i}.blocks.{j}``, torchvision
+# ``features.{2i+1}.{j}``.
+_OFFICIAL_TABLE = re.compile(
+    r"^(?:module\.)?layers\.(\d+)\.blocks\.\d+\.attn\.relative_coords_table$"
+)
+_TORCHVISION_TABLE = re.compile(
+    r"^(?:module\.)?features\.(\d+)\.\d+\.attn\.relative_coords_table$"
+)
 
 
 def _table_divisor(table: torch.Tensor) -> tuple[int, int] | None:
