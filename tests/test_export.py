@@ -117,11 +117,15 @@ def test_onnx_v1_one_file_three_resolutions(tmp_path):
 
 
 # ---------------------------------------------------------------- torch.compile
-def test_compile_fullgraph_no_recompile_across_resolutions():
+@pytest.mark.parametrize("version", [2, pytest.param(1, marks=pytest.mark.slow)])
+def test_compile_fullgraph_no_recompile_across_resolutions(version):
     """One graph for three resolutions with dynamic shapes (no per-shape recompiles)."""
     # One stage keeps the trace short; the merging layers are traced by the ONNX tests.
-    config = SwinV2Config(**{**TINY, "depths": (2,), "num_heads": (1,)})
-    model = randomize_(SwinTransformerV2(config))
+    overrides = {**TINY, "depths": (2,), "num_heads": (1,)}
+    if version == 1:
+        model = randomize_(SwinTransformer(SwinConfig(**overrides)))
+    else:
+        model = randomize_(SwinTransformerV2(SwinV2Config(**overrides)))
     graphs = []
 
     def counting_backend(gm, example_inputs):
