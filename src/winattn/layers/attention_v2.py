@@ -29,8 +29,6 @@ from .position import relative_position_index
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
-
-
 def _cpb_coords(
     window_size: tuple[int, int], pretrained_window_size: tuple[int, int]
 ) -> torch.Tensor:
@@ -139,7 +137,7 @@ class WindowAttentionV2(nn.Module):
     def _compute_position_bias(self, window_size: tuple[int, int]) -> torch.Tensor:
         device = self.logit_scale.device
         if _is_tracing():
-            coords = _cpb_coords(window_size, self.pretrained_window_size).to(device)
+            coords = cpb_coords(window_size, self.pretrained_window_size).to(device)
             index = relative_position_index(window_size).to(device)
         else:
             coords = _on_device("coords", window_size, self.pretrained_window_size, device)
