@@ -143,7 +143,7 @@ class SwinFeatures(nn.Module):
 
     Args:
         model: a Swin V1 or V2 model.
-        out_indices: stages to return; negative values count from the end.
+        out_indices: stages to return (None: all); negative values count from the end.
         output_fmt: ``"NCHW"`` (for convolutional necks) or ``"NHWC"`` (the models' own layout).
 
     Example:
@@ -154,12 +154,15 @@ class SwinFeatures(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, out_indices: Sequence[int] = (0, 1, 2, 3), output_fmt: str = "NCHW"
+        self,
+        model: nn.Module,
+        out_indices: Sequence[int] | None = None,
+        output_fmt: str = "NCHW",
     ) -> None:
         super().__init__()
         _check_format(output_fmt)
         num_stages = len(model.layers)
-        taken, last = take_indices(num_stages, list(out_indices))
+        taken, last = take_indices(num_stages, None if out_indices is None else list(out_indices))
         self.out_indices = tuple(taken)
         self.output_fmt = output_fmt
         self.config = model.config

@@ -56,7 +56,7 @@ def create_model(
     strict: bool = True,
     drop_head: bool = False,
     features_only: bool = False,
-    out_indices: tuple[int, ...] = (0, 1, 2, 3),
+    out_indices: tuple[int, ...] | None = None,
     output_fmt: str = "NCHW",
     **config_overrides: Any,
 ) -> nn.Module:
@@ -74,7 +74,7 @@ def create_model(
         drop_head: with ``checkpoint``/``pretrained``: skip the checkpoint's classifier and keep
             the freshly initialised head (fine-tuning with another ``num_classes``).
         features_only: return a backbone producing the stage maps (strides 4/8/16/32) listed in
-            ``out_indices``, laid out ``output_fmt`` ("NCHW" or "NHWC"), with ``feature_info``
+            ``out_indices`` (None: every stage), laid out ``output_fmt`` ("NCHW" or "NHWC"), with ``feature_info``
             (see ``winattn.models.features.SwinFeatures``).
 
     Example:
