@@ -16,6 +16,7 @@ import torch
 from ..call import AttentionCall
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
+from .triton_window import TritonBackend, triton_available
 
 logger = logging.getLogger("winattn.ops")
 
@@ -36,6 +37,11 @@ def register_backend(backend: Backend, *, first: bool = True) -> None:
     """Add a backend to the dispatcher (in front by default), replacing one of the same name."""
     BACKENDS[:] = [b for b in BACKENDS if b.name != backend.name]
     BACKENDS.insert(0 if first else len(BACKENDS), backend)
+
+
+if triton_available():
+    # In front: it refuses (with its reason) whatever is not a CUDA tensor it can serve.
+    register_backend(TritonBackend(), first=True)
 
 
 def backend_names() -> list[str]:
