@@ -16,7 +16,7 @@ import torch
 from ..call import AttentionCall
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
-from .triton_window import TritonBackend, triton_available
+from .triton_window import TritonBackend
 
 logger = logging.getLogger("winattn.ops")
 
@@ -39,9 +39,9 @@ def register_backend(backend: Backend, *, first: bool = True) -> None:
     BACKENDS.insert(0 if first else len(BACKENDS), backend)
 
 
-if triton_available():
-    # In front: it refuses (with its reason) whatever is not a CUDA tensor it can serve.
-    register_backend(TritonBackend(), first=True)
+# In front, always: where triton is missing or the tensors are not on CUDA it refuses and says
+# why, so a forced backend="triton" explains itself.
+register_backend(TritonBackend(), first=True)
 
 
 def backend_names() -> list[str]:

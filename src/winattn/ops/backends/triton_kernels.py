@@ -27,7 +27,7 @@ INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 
 # Masked logits. Keys outside the window (padding, block overhang) get -inf; the running max
 # starts at a finite -1e30 so a key block that is all padding gives exp(-inf) = 0, never NaN.
-_RUNNING_MAX_INIT = -1.0e30
+_RUNNING_MAX_INIT = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -359,10 +359,23 @@ def _grid_strides(t: torch.Tensor, grid_ndim: int) -> tuple[int, ...]:
     return (strides[0],) + (0,) * extra + tuple(strides[1:])
 
 
-def _block_sizes(tokens: int, head_dim: int) -> tuple[int, int, int]:
-    # tl.dot needs every dimension >= 16. Not tuned on hardware: see docs/triton.md.
-    block = max(16, min(64, triton.next_power_of_2(tokens)))
-    return block, block, max(16, triton.next_power_of_2(head_dim))
+def launch_config(tokens: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and launch settings (reasoned, not tuned on hardware: see docs/triton.md).
+
+    tl.dot needs every tile dimension >= 16. float32 uses IEEE products (FMA loops, no tensor
+    cores), so its tiles are halved to keep registers and shared memory in bounds. A Swin window
+    (N <= 64) is one tile, so the key loop has one trip and software pipelining would only add
+    shared memory: one stage.
+    """
+    largest = 32 if dtype == torch.float32 else 64
+    block = max(16, min(largest, triton.next_power_of_2(tokens)))
+    return dict(
+        BLOCK_M=block,
+        BLOCK_N=block,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        num_warps=4,
+        num_stages=1,
+    )
 
 
 def _dot_types(dtype: torch.dtype) -> tuple[tl.dtype, str]:
@@ -390,7 +403,7 @@ def _launch_args(
     per_axis = tuple(p // b for p, b in zip(padded, w))
     num_windows = math.prod(per_axis)
     tokens = math.prod(w)
-    block_m, block_n, block_d = _block_sizes(tokens, head_dim)
+    config = launch_config(tokens, head_dim, q.dtype)
     dot_dtype, precision = _dot_types(q.dtype)
     geometry = (*n, *padded, per_axis[1], per_axis[2], num_windows)
     constexprs = dict(
@@ -400,11 +413,9 @@ def _launch_args(
         S0=s[0], S1=s[1], S2=s[2],
         DOT_DTYPE=dot_dtype,
         DOT_PRECISION=precision,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
+        **config,
     )  # fmt: skip
-    launch = (batch * num_windows, heads, triton.cdiv(tokens, block_m))
+    launch = (batch * num_windows, heads, triton.cdiv(tokens, config["BLOCK_M"]))
     return geometry, constexprs, launch
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -28,17 +29,21 @@ MAX_HEAD_DIM = 128
 _KERNELS = "winattn.ops.backends.triton_kernels"
 
 
+@lru_cache(maxsize=1)
 def triton_available() -> bool:
     """Whether triton can be imported (without importing it)."""
     return importlib.util.find_spec("triton") is not None
 
 
 def interpreter_enabled() -> bool:
-    """Whether the kernels run (or, once imported, will run) in Triton's CPU interpreter."""
+    """Whether CPU tensors may be served: ``TRITON_INTERPRET`` is on now, and the kernels were
+    (or, when first imported, will be) built for the interpreter. Both are asked so that a
+    process that once turned the interpreter on for a test does not keep routing every CPU call
+    to the slow interpreter after turning it off."""
+    if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes"):
+        return False
     kernels = sys.modules.get(_KERNELS)
-    if kernels is not None:
-        return kernels.INTERPRETED
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return kernels is None or kernels.INTERPRETED
 
 
 def _kernels():
