@@ -98,7 +98,7 @@ INTERPRETER_CASES = [
     (1, (6, 10), 2, 24, 4, 0, False),  # padding, no shift, no bias
     (1, (10, 11), 1, 16, 9, 4, True),  # N = 81: two key/query blocks, padded keys in one
     (1, (7, 7), 1, 16, 7, 3, True),  # window = grid
-    (1, (5, 5), 2, 16, 1, 0, True),  # window 1
+    (1, (3, 4), 1, 16, 1, 0, True),  # window 1
     (1, (20,), 2, 16, 6, 3, True),  # 1-D
     (1, (5, 6, 7), 1, 16, (2, 3, 4), (1, 1, 2), True),  # 3-D
 ]
