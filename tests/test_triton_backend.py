@@ -116,6 +116,23 @@ def test_float32_matches_oracle(interpreter, case):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_region_penalty_is_minus_100_not_minus_inf(interpreter):
+    """With logits of order 100 (a large scale, as in SwinV2's cosine attention with a high
+    logit scale) the -100 between shift regions does not fully suppress: the output depends on
+    its exact value."""
+    q, k, v, bias = _inputs(1, (8, 8), 2, 16, (4, 4))
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    results = {}
+    for backend, dtype in (("reference", torch.float64), ("triton", torch.float32)):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v, bias)]
+        out = window_attention(*leaves[:3], 4, shift_size=2, bias=leaves[3], scale=10.0,
+                               backend=backend)  # fmt: skip
+        grads = torch.autograd.grad(out, leaves, grad_out.to(dtype))
+        results[backend] = [out.double()] + [g.double() for g in grads]
+    for a, e in zip(results["triton"], results["reference"]):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", [INTERPRETER_CASES[2], INTERPRETER_CASES[4]], ids=["pad", "N81"])
 def test_low_precision_within_tolerance_rule(interpreter, dtype, case):
