@@ -261,7 +261,8 @@ def test_refusal_reasons_name_dtype_and_head_dim(monkeypatch):
 
 def _aot_compile(*args: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(AOT_SCRIPT.parents[1] / "src"), env.get("PYTHONPATH")]))
+    paths = [str(AOT_SCRIPT.parents[1] / "src"), env.get("PYTHONPATH")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     done = subprocess.run(
         [sys.executable, str(AOT_SCRIPT), *args], env=env, capture_output=True, text=True
     )
@@ -282,7 +283,9 @@ def test_kernels_compile_for_sm80():
 @pytest.mark.parametrize("arch", ["80", "90"])
 @pytest.mark.parametrize("head_dim,window", [(32, 7), (128, 12), (64, 24)])
 def test_kernels_compile_matrix(dtype, arch, head_dim, window):
-    _aot_compile("--dtype", dtype, "--arch", arch, "--head-dim", str(head_dim), "--window", str(window))
+    _aot_compile(
+        "--dtype", dtype, "--arch", arch, "--head-dim", str(head_dim), "--window", str(window)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,7 +327,9 @@ def test_gpu_matches_oracle(dtype, case):
     names = ("out", "dq", "dk", "dv", "dbias")
     if dtype == torch.float32:
         for name, a, e in zip(names, fast, exact):
-            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+            torch.testing.assert_close(
+                a, e, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}"
+            )
         return
     ref_low = _run("reference", q, k, v, bias, window, shift, grad_out, dtype)
     for i, name in enumerate(names):
