@@ -30,6 +30,22 @@ INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 _RUNNING_MAX_INIT = tl.constexpr(-1.0e30)
 
 
+# The kernels use only triton.language builtins and jit functions of this module, never the
+# jit functions of triton's standard library (tl.max, tl.sum, tl.zeros): those are built when
+# triton is first imported, and if that was before TRITON_INTERPRET was set (torch imports
+# triton early), the interpreter cannot call them.
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _sum_combine(a, b):
+    return a + b
+
+
 @triton.jit
 def _slot_coords(
     slot,
@@ -150,8 +166,8 @@ def _forward_kernel(
     ).to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_M], _RUNNING_MAX_INIT, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kp0, kp1, kp2, k_real, region_n = _slot_coords(
@@ -167,10 +183,10 @@ def _forward_kernel(
             q, k, Bias, h, offs_m, offs_n, region_m, region_n, k_ok, scale,
             N, HAS_BIAS, DOT_PRECISION,
         )  # fmt: skip
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -226,7 +242,7 @@ def _backward_dq_kernel(
     lse = tl.load(Lse + l_rows, mask=q_ok, other=0.0)
     delta = tl.load(Delta + l_rows, mask=q_ok, other=0.0)
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kp0, kp1, kp2, k_real, region_n = _slot_coords(
@@ -295,8 +311,8 @@ def _backward_dkdv_kernel(
     k = tl.load(K + kv_offs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
     v = tl.load(V + kv_offs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
     dbias_base = DBias + (pid % bias_replicas).to(tl.int64) * (N * N * tl.num_programs(1))
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
