@@ -71,7 +71,8 @@ def select_backend(call: AttentionCall, backend: str | None = None) -> Backend:
     for candidate in candidates:
         refusals = candidate.supports(call)
         if not refusals:
-            logger.debug("window_attention: backend %s for %s", candidate.name, _describe(call))
+            if not torch.compiler.is_compiling():  # Dynamo cannot trace logging calls
+                logger.debug("window_attention: backend %s for %s", candidate.name, _describe(call))
             return candidate
         reasons[candidate.name] = refusals
     lines = "\n".join(f"  {name}: {'; '.join(why)}" for name, why in reasons.items())
