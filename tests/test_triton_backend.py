@@ -209,6 +209,12 @@ def test_bias_without_grad_and_no_bias(interpreter):
     expected = window_attention(q, k, v, 4, shift_size=2, bias=bias, backend="reference")
     (e_dq,) = torch.autograd.grad(expected.sum(), [q])
     torch.testing.assert_close(dq, e_dq, rtol=1e-5, atol=2e-5)
+    # The op without the dispatcher, and without a bias.
+    direct = triton_window_attention(q, k, v, (4, 4), (2, 2), bias=bias)
+    torch.testing.assert_close(direct, out, rtol=0, atol=0)
+    no_bias = triton_window_attention(q, k, v, (4, 4), (2, 2))
+    expected = window_attention(q, k, v, 4, shift_size=2, backend="reference")
+    torch.testing.assert_close(no_bias, expected, rtol=1e-5, atol=2e-5)
 
 
 def test_custom_op_passes_opcheck(interpreter):
@@ -218,12 +224,14 @@ def test_custom_op_passes_opcheck(interpreter):
 
 
 def test_compile_fullgraph_traces_the_op(interpreter):
-    """torch.compile(fullgraph=True) traces forward and backward through the custom ops (the
-    aot_eager backend: inductor's CPU code generation would only add minutes here)."""
+    """torch.compile(fullgraph=True) traces window_attention (dispatcher included) and the
+    forward and backward custom ops (the aot_eager backend: inductor's CPU code generation
+    would only add minutes here)."""
     q, k, v, bias = (t.float().requires_grad_() for t in _inputs(1, (8, 8), 2, 16, (4, 4)))
 
     def loss(q, k, v, bias):
-        return triton_window_attention(q, k, v, (4, 4), (2, 2), bias=bias).square().sum()
+        out = window_attention(q, k, v, 4, shift_size=2, bias=bias, backend="triton")
+        return out.square().sum()
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     grads = torch.autograd.grad(compiled(q, k, v, bias), [q, k, v, bias])
@@ -348,7 +356,8 @@ def test_gpu_compile_fullgraph_inductor():
     )
 
     def loss(q, k, v, bias):
-        return triton_window_attention(q, k, v, (7, 7), (3, 3), bias=bias).float().square().sum()
+        out = window_attention(q, k, v, 7, shift_size=3, bias=bias, backend="triton")
+        return out.float().square().sum()
 
     compiled = torch.compile(loss, fullgraph=True)
     grads = torch.autograd.grad(compiled(q, k, v, bias), [q, k, v, bias])
