@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .backends import select_backend
@@ -48,7 +50,7 @@ def window_attention(
         >>> window_attention(q, k, v, 7, shift_size=3).shape
         torch.Size([2, 14, 14, 3, 32])
     """
-    if is_tracing():
+    if _use_traceable_path(q, backend):
         # Exporters and compilers get the shape-generic path: the cached plans hold index maps
         # built from Python ints, which a trace would freeze to one input size.
         ndim = q.dim() - 3
@@ -58,6 +60,22 @@ def window_attention(
         return traceable_window_attention(q, k, v, window, shift, bias, scale)
     call = make_call(q, k, v, window_size, shift_size=shift_size, bias=bias, scale=scale)
     return select_backend(call, backend).forward(call)
+
+
+def _use_traceable_path(q: torch.Tensor, backend: str | None) -> bool:
+    """Whether a traced call takes the shape-generic path instead of the dispatcher.
+
+    Always under the ONNX exporter (a graph of standard ops). Under torch.compile / torch.export
+    too, except when a backend is forced (argument or ``WINATTN_BACKEND``) or the tensors are on
+    a GPU, where the dispatcher's fused kernels (custom ops) are what the compiled graph should
+    call.
+    """
+    if torch.onnx.is_in_onnx_export():
+        return True
+    if not is_tracing():
+        return False
+    forced = backend or os.environ.get("WINATTN_BACKEND")
+    return not forced and q.device.type == "cpu"
 
 
 def make_call(
