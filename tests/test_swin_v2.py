@@ -1,4 +1,5 @@
-"""Swin V2 model tests: configs and keys against timm; parity with the peers' own models with random weights, converted, compared in eval.
+"""Swin V2 model tests: configs and keys against timm; parity with the peers' own models
+(random weights, converted, compared in eval).
 
 Protocol (as for V1): build the peer's model (timm ``pretrained=False``, torchvision
 ``swin_v2_*(weights=None)``, transformers ``Swinv2ForImageClassification``), give every parameter
