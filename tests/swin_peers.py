@@ -87,11 +87,15 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------ the native (target) model
 def create_named(name: str, **kw) -> nn.Module:
-    """A registered model by timm name, in eval mode (timm's until winattn's models land)."""
-    timm = pytest.importorskip("timm")
-    return timm.create_model(name, **kw).eval()
+    """winattn's registered model ``name`` in eval mode."""
+    import winattn
+
+    return winattn.create_model(name, **kw).eval()
 
 
 def native_tiny(version: int = 1, window_size: int = TINY["window_size"], **kw) -> nn.Module:
-    """The tiny Swin in the native layout."""
-    return timm_tiny(version, window_size, **kw)
+    """The tiny Swin in the native layout: winattn's V1; V2 is timm's until winattn has one."""
+    if version == 2:
+        return timm_tiny(version, window_size, **kw)
+    args = {**TINY, "window_size": window_size, "num_classes": TINY_CLASSES, **kw}
+    return create_named("swin_tiny_patch4_window7_224", **args)
