@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import pytest
 import torch
@@ -324,22 +323,26 @@ def test_pretrained_tags_match_installed_timm():
 
 
 def test_resolve_pretrained_from_offline_hub_cache(tmp_path, monkeypatch):
+    # The hub cache laid out by hand as huggingface_hub writes it; offline, so nothing is fetched.
     hub_constants = pytest.importorskip("huggingface_hub.constants")
+    timm = pytest.importorskip("timm")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    name, tag, revision = "swin_tiny_patch4_window7_224", "ms_in22k", "0123456789abcdef"
-    timm = pytest.importorskip("timm")
-    published = randomize_(timm.create_model(name, num_classes=21841)).state_dict()
-    repo = tmp_path / f"models--timm--{name}.{tag}"
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))  # the default cache_dir
+    name, revision = "swin_tiny_patch4_window7_224", "0123456789abcdef"
+    published = randomize_(timm.create_model(name)).state_dict()
+    repo = tmp_path / f"models--timm--{name}.{PRETRAINED_TAGS[name][0]}"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(revision)
     save_state_dict(repo / "snapshots" / revision / "model.safetensors", published)
 
-    path = resolve_pretrained(name, tag=tag, cache_dir=tmp_path)
+    path = resolve_pretrained(name)
     assert path == repo / "snapshots" / revision / "model.safetensors"
-    model = create_named(name, num_classes=21841)
+    assert resolve_pretrained(name, cache_dir=tmp_path) == path
+    model = create_named(name)
     assert load_checkpoint(model, path).format == "timm"
     assert_same_state(model.state_dict(), published)
+    # create_model(pretrained=True) goes through the same path.
+    assert_same_state(create_named(name, pretrained=True).state_dict(), published)
     with pytest.raises(RuntimeError, match="could not be fetched"):
-        resolve_pretrained(name, tag="ms_in1k", cache_dir=tmp_path)
-    assert os.environ["HF_HUB_OFFLINE"] == "1"
+        resolve_pretrained(name, tag="ms_in22k")
