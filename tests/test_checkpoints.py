@@ -221,10 +221,11 @@ def test_missing_path_and_empty_folder(tmp_path):
 
 
 # ------------------------------------------------------------------------- resize and head
-def test_bias_tables_resized_bicubic_like_the_official_loader():
+@pytest.mark.parametrize("window", [(8, 8), (4, 6)])
+def test_bias_tables_resized_bicubic_like_the_official_loader(window):
     timm = pytest.importorskip("timm")
     source = randomize_(native_tiny(1, window_size=4))
-    target = native_tiny(1, window_size=8, img_size=64)
+    target = native_tiny(1, window_size=window, img_size=64)
     report = load_checkpoint(target, source.state_dict())
     tables = [k for k in source.state_dict() if k.endswith("relative_position_bias_table")]
     assert sorted(report.resized) == sorted(tables)
@@ -232,7 +233,7 @@ def test_bias_tables_resized_bicubic_like_the_official_loader():
         # timm's resize_rel_pos_bias_table_simple is an independent implementation of the same
         # official interpolation (bicubic, align_corners=False, per head).
         expected = timm.layers.resize_rel_pos_bias_table_simple(
-            source.state_dict()[key], (8, 8), target.state_dict()[key].shape)
+            source.state_dict()[key], window, target.state_dict()[key].shape)
         torch.testing.assert_close(target.state_dict()[key], expected)
     assert torch.isfinite(logits(target, torch.randn(1, 3, 64, 64))).all()
 
