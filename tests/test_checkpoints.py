@@ -274,6 +274,15 @@ def test_headless_checkpoint_needs_drop_head():
     assert load_checkpoint(native_tiny(1), source, drop_head=True).head_dropped
 
 
+def test_model_without_classifier_needs_drop_head():
+    source = randomize_(native_tiny(1)).state_dict()
+    with pytest.raises(CheckpointMismatchError, match="(?s)unexpected keys: head.fc.bias.*drop_head"):
+        load_checkpoint(native_tiny(1, num_classes=0), source)
+    model = native_tiny(1, num_classes=0)
+    assert load_checkpoint(model, source, drop_head=True).head_dropped
+    torch.testing.assert_close(model.state_dict()["norm.weight"], source["norm.weight"])
+
+
 def test_unexpected_key_and_shape_mismatch_are_listed():
     source = randomize_(native_tiny(1)).state_dict()
     source["layers.0.blocks.0.extra.weight"] = torch.zeros(2)

@@ -248,8 +248,10 @@ def load_checkpoint(
         problems.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
     if problems:
         hint = ""
-        if missing and all(k.startswith(HEAD_PREFIX) for k in missing):
+        if strict and missing and all(k.startswith(HEAD_PREFIX) for k in missing):
             hint = "\n(the checkpoint has no classifier: pass drop_head=True to keep the model's)"
+        elif strict and unexpected and all(k.startswith(HEAD_PREFIX) for k in unexpected):
+            hint = "\n(the model has no classifier: pass drop_head=True to ignore the checkpoint's)"
         raise CheckpointMismatchError(
             f"checkpoint {where} ({fmt} layout) does not match the model:\n  "
             + "\n  ".join(problems) + hint
