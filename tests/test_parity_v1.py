@@ -85,5 +85,9 @@ def test_huggingface(name):
     embed_dim, depths, heads, window, img, _ = V1_SIZES[name]
     peer = randomize_(hf_model(hf_config(1, img_size=img, embed_dim=embed_dim, depths=depths,
                                          num_heads=heads, window_size=window, num_classes=1000)))
-    # Hugging Face follows the official window rule (shrink to min(H, W), no shift).
-    _check(name, peer.state_dict(), peer, "huggingface", [None, ODD_SIZE], window_rule="official")
+    # Hugging Face follows the official window rule (shrink to min(H, W), no shift). Its V1
+    # cannot run a window-12 model at 200x296 (transformers 5.23: the bias of the configured
+    # 12x12 window is added to the 7x7 window it shrinks to in the last stage), so the odd size
+    # is compared for window 7 only.
+    sizes = [None, ODD_SIZE] if window == 7 else [None]
+    _check(name, peer.state_dict(), peer, "huggingface", sizes, window_rule="official")
