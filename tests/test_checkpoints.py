@@ -145,6 +145,8 @@ def test_unwrap_wrappers_ema_and_ddp_prefix():
     assert unwrap({"state_dict": plain, "state_dict_ema": ema, "optimizer": {}}) == plain
     assert unwrap({"state_dict": plain, "state_dict_ema": ema}, prefer_ema=True) == ema
     assert unwrap({"module.a.weight": plain["a.weight"]}) == plain
+    simmim = {"encoder.patch_embed.proj.weight": torch.zeros(1), "decoder.0.weight": torch.zeros(1)}
+    assert list(unwrap({"model": simmim})) == ["patch_embed.proj.weight"]
     with pytest.raises(ValueError, match="holds no tensors"):
         unwrap({"epoch": 3})
 

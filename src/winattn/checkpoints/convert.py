@@ -47,7 +47,8 @@ def unwrap(checkpoint: Mapping, *, prefer_ema: bool = False) -> StateDict:
     Tries, in order, ``model``, ``state_dict``, ``model_state`` and ``module`` (each may wrap the
     next); with ``prefer_ema=True`` the EMA weights (``state_dict_ema``, ``model_ema``) are taken
     first when present. The EMA copy is otherwise ignored: the plain weights are what every
-    library's own loader picks. A ``module.`` prefix (DistributedDataParallel) is stripped.
+    library's own loader picks. A ``module.`` prefix (DistributedDataParallel) is stripped, and
+    of a SimMIM checkpoint only the ``encoder.`` backbone is kept (prefix stripped).
 
     Args:
         checkpoint: what ``torch.load`` returned, or a state dict already.
@@ -71,6 +72,9 @@ def unwrap(checkpoint: Mapping, *, prefer_ema: bool = False) -> StateDict:
         raise ValueError(f"checkpoint: holds no tensors (top-level keys: {found})")
     if all(k.startswith("module.") for k in tensors):
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    if "encoder.patch_embed.proj.weight" in tensors:
+        # A SimMIM pre-training checkpoint (official): the backbone sits under "encoder.".
+        tensors = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
     return tensors
 
 
@@ -89,8 +93,9 @@ def detect_format(state_dict: Mapping[str, Tensor]) -> str:
     if any(k.startswith("features.") for k in keys):
         return "torchvision"
     if any(
-        k.startswith(("swin.", "swinv2.", "embeddings.patch_embeddings.", "encoder.layers."))
+        k.startswith(("swin.", "swinv2.", "embeddings.patch_embeddings."))
         or k == "classifier.weight"
+        or ".layernorm_before." in k
         for k in keys
     ):
         return "huggingface"
