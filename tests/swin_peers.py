@@ -94,8 +94,11 @@ def create_named(name: str, **kw) -> nn.Module:
 
 
 def native_tiny(version: int = 1, window_size: int = TINY["window_size"], **kw) -> nn.Module:
-    """The tiny Swin in the native layout: winattn's V1; V2 is timm's until winattn has one."""
-    if version == 2:
+    """The tiny Swin in the native layout: winattn's (V2: timm's while winattn has no V2)."""
+    import winattn
+
+    name = "swin_tiny_patch4_window7_224" if version == 1 else "swinv2_tiny_window8_256"
+    if name not in winattn.list_models():
         return timm_tiny(version, window_size, **kw)
     args = {**TINY, "window_size": window_size, "num_classes": TINY_CLASSES, **kw}
-    return create_named("swin_tiny_patch4_window7_224", **args)
+    return create_named(name, **args)
