@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-
 from swin_peers import (
     TINY,
     TINY_CLASSES,
@@ -19,6 +18,7 @@ from swin_peers import (
     timm_tiny,
     torchvision_tiny,
 )
+
 from winattn.checkpoints import (
     PRETRAINED_TAGS,
     CheckpointMismatchError,
@@ -35,7 +35,8 @@ from winattn.checkpoints import (
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-X = torch.randn(2, 3, TINY["img_size"], TINY["img_size"], generator=torch.Generator().manual_seed(1))
+X = torch.randn(2, 3, TINY["img_size"], TINY["img_size"],
+                generator=torch.Generator().manual_seed(1))
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -162,7 +163,9 @@ def test_wrapped_official_file_loads(tmp_path):
 
 
 # -------------------------------------------------------------------------------- sources
-@pytest.mark.parametrize("layout", ["pth", "bin", "safetensors", "hub_repo", "hub_cache", "sharded"])
+@pytest.mark.parametrize(
+    "layout", ["pth", "bin", "safetensors", "hub_repo", "hub_cache", "sharded"]
+)
 def test_sources(layout, tmp_path):
     model = randomize_(native_tiny(1))
     sd = model.state_dict()
@@ -187,8 +190,10 @@ def test_sources(layout, tmp_path):
         rest = {k: sd[k] for k in keys[len(keys) // 2:]}
         save_state_dict(tmp_path / "model-1.safetensors", half)
         save_state_dict(tmp_path / "model-2.safetensors", rest)
-        weight_map = {k: "model-1.safetensors" for k in half} | {k: "model-2.safetensors" for k in rest}
-        (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        weight_map = {k: "model-1.safetensors" for k in half}
+        weight_map |= {k: "model-2.safetensors" for k in rest}
+        index = json.dumps({"weight_map": weight_map})
+        (tmp_path / "model.safetensors.index.json").write_text(index)
     target = native_tiny(1)
     load_checkpoint(target, source)
     assert_same_state(target.state_dict(), sd)
@@ -250,7 +255,8 @@ def test_resize_keeps_a_constant_table_constant():
 def test_class_count_mismatch_asks_for_drop_head():
     source = randomize_(native_tiny(1)).state_dict()
     model = native_tiny(1, num_classes=3)
-    with pytest.raises(CheckpointMismatchError, match=rf"{TINY_CLASSES}-class head.*drop_head=True"):
+    match = rf"{TINY_CLASSES}-class head.*drop_head=True"
+    with pytest.raises(CheckpointMismatchError, match=match):
         load_checkpoint(model, source)
 
 
@@ -271,14 +277,16 @@ def test_drop_head_keeps_the_fresh_head_and_loads_the_rest():
 def test_headless_checkpoint_needs_drop_head():
     source = {k: v for k, v in randomize_(native_tiny(1)).state_dict().items()
               if not k.startswith("head.")}
-    with pytest.raises(CheckpointMismatchError, match="(?s)missing keys: head.fc.bias, head.fc.weight.*drop_head=True"):
+    match = "(?s)missing keys: head.fc.bias, head.fc.weight.*drop_head=True"
+    with pytest.raises(CheckpointMismatchError, match=match):
         load_checkpoint(native_tiny(1), source)
     assert load_checkpoint(native_tiny(1), source, drop_head=True).head_dropped
 
 
 def test_model_without_classifier_needs_drop_head():
     source = randomize_(native_tiny(1)).state_dict()
-    with pytest.raises(CheckpointMismatchError, match="(?s)unexpected keys: head.fc.bias.*drop_head"):
+    match = "(?s)unexpected keys: head.fc.bias.*drop_head"
+    with pytest.raises(CheckpointMismatchError, match=match):
         load_checkpoint(native_tiny(1, num_classes=0), source)
     model = native_tiny(1, num_classes=0)
     assert load_checkpoint(model, source, drop_head=True).head_dropped
@@ -310,7 +318,8 @@ def test_other_architecture_is_named_not_listed():
     with pytest.raises(CheckpointMismatchError) as info:
         load_checkpoint(tiny, base.state_dict())
     message = str(info.value)
-    assert "embed dim 128, depths (2,2,18,2), heads (4,8,16,32)" in message and "swin_base" in message
+    assert "embed dim 128, depths (2,2,18,2), heads (4,8,16,32)" in message
+    assert "swin_base" in message
     assert "embed dim 96, depths (2,2,6,2)" in message and "swin_tiny" in message
     assert len(message.splitlines()) == 3
     with pytest.raises(CheckpointMismatchError, match="Swin V2.*swinv2_tiny"):
@@ -327,7 +336,7 @@ def test_pretrained_tags_and_errors():
 
 
 def test_pretrained_tags_match_installed_timm():
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.models._registry import _model_default_cfgs
 
     for name, tags in PRETRAINED_TAGS.items():

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from swin_peers import create_named, hf_config, hf_model, logits, randomize_
+
 from winattn.checkpoints import from_native, load_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

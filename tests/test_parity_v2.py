@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from swin_peers import create_named, hf_config, hf_model, logits, randomize_
 
 import winattn
-from swin_peers import create_named, hf_config, hf_model, logits, randomize_
 from winattn.checkpoints import from_native, load_checkpoint
 
 pytestmark = [
@@ -48,7 +48,11 @@ V2_SIZES = {
     "swinv2_large_window12to24_192to384": (*_L, 24, 384, _FT, None),
 }
 # The default suite keeps the tiny models (every peer) and one fine-tune with pretrained windows.
-DEFAULT = {"swinv2_tiny_window8_256", "swinv2_tiny_window16_256", "swinv2_base_window12to16_192to256"}
+DEFAULT = {
+    "swinv2_tiny_window8_256",
+    "swinv2_tiny_window16_256",
+    "swinv2_base_window12to16_192to256",
+}
 
 
 def _params(names):

@@ -1,4 +1,4 @@
-"""Checkpoint formats (official, timm, torchvision, Hugging Face), loading and pretrained weights."""
+"""Swin checkpoints: the official, timm, torchvision and HF layouts, loading, pretrained weights."""
 
 from .convert import FORMATS, detect_format, from_native, is_v2, to_native, unwrap
 from .hub import PRETRAINED_TAGS, pretrained_repo, resolve_pretrained

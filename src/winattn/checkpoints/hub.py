@@ -32,7 +32,7 @@ WEIGHTS_FILENAME = "model.safetensors"
 
 
 def pretrained_repo(model_name: str, tag: str | None = None) -> str:
-    """The hub repo id of a model's published weights, e.g. ``timm/swinv2_tiny_window8_256.ms_in1k``."""
+    """Hub repo of a model's published weights, e.g. ``timm/swinv2_tiny_window8_256.ms_in1k``."""
     if model_name not in PRETRAINED_TAGS:
         raise ValueError(
             f"model_name: no published weights for {model_name!r}; models with weights: "
@@ -69,7 +69,9 @@ def resolve_pretrained(
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as err:
-        raise ImportError("pretrained weights need huggingface_hub: pip install huggingface_hub") from err
+        raise ImportError(
+            "pretrained weights need huggingface_hub: pip install huggingface_hub"
+        ) from err
     try:
         path = hf_hub_download(repo_id=repo_id, filename=WEIGHTS_FILENAME, cache_dir=cache_dir)
     except Exception as err:  # network, offline-mode and missing-repo errors alike

@@ -128,7 +128,9 @@ def read_checkpoint(source: str | os.PathLike | Mapping) -> tuple[Mapping, str]:
 
 
 def save_state_dict(
-    path: str | os.PathLike, state_dict: Mapping[str, Tensor], metadata: dict[str, str] | None = None
+    path: str | os.PathLike,
+    state_dict: Mapping[str, Tensor],
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write a state dict as safetensors (tensors copied to contiguous CPU memory).
 
@@ -145,7 +147,8 @@ def save_state_dict(
 
     Example:
         >>> import torch, tempfile, os
-        >>> p = save_state_dict(os.path.join(tempfile.mkdtemp(), "w.safetensors"), {"a": torch.ones(2)})
+        >>> folder = tempfile.mkdtemp()
+        >>> p = save_state_dict(os.path.join(folder, "w.safetensors"), {"a": torch.ones(2)})
         >>> p.name
         'w.safetensors'
     """

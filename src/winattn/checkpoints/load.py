@@ -67,7 +67,9 @@ def infer_layout(state_dict: Mapping[str, Tensor]) -> SwinLayout:
     depths: dict[int, int] = {}
     heads: dict[int, int] = {}
     for key, value in state_dict.items():
-        m = re.match(r"^layers\.(\d+)\.blocks\.(\d+)\.attn\.(relative_position_bias_table|logit_scale)$", key)
+        m = re.match(
+            r"^layers\.(\d+)\.blocks\.(\d+)\.attn\.(relative_position_bias_table|logit_scale)$", key
+        )
         if m:
             stage, block = int(m.group(1)), int(m.group(2))
             depths[stage] = max(depths.get(stage, 0), block + 1)
@@ -142,7 +144,9 @@ class LoadReport:
         if self.head_dropped:
             parts.append("classifier left freshly initialised")
         if self.missing_keys or self.unexpected_keys:
-            parts.append(f"{len(self.missing_keys)} missing, {len(self.unexpected_keys)} unexpected")
+            parts.append(
+                f"{len(self.missing_keys)} missing, {len(self.unexpected_keys)} unexpected keys"
+            )
         return "; ".join(parts)
 
 
@@ -207,7 +211,8 @@ def load_checkpoint(
 
     Example:
         >>> import winattn  # doctest: +SKIP
-        >>> model = winattn.create_model("swin_tiny_patch4_window7_224", num_classes=10)  # doctest: +SKIP
+        >>> name = "swin_tiny_patch4_window7_224"  # doctest: +SKIP
+        >>> model = winattn.create_model(name, num_classes=10)  # doctest: +SKIP
         >>> report = load_checkpoint(model, "swin_tiny.pth", drop_head=True)  # doctest: +SKIP
     """
     raw, where = read_checkpoint(source)
