@@ -4,7 +4,7 @@ It has the model contract the training code relies on (``data_config``, ``num_cl
 ``no_weight_decay()``, ``set_grad_checkpointing()``) and dropout, so RNG handling is exercised,
 at a size that trains in milliseconds. ``python tests/_winattn_train_stub.py ARGS`` runs the
 ``winattn`` command with the stand-in available as model ``tiny_test``; with the environment
-variable ``WINATTN_STUB_SLOW_SAVE=N`` the N-th checkpoint write hangs after writing half its bytes.
+variable ``WINATTN_STUB_HANG_ON=last.pt:N`` the N-th write of ``last.pt`` hangs half way through.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 class TinyNet(nn.Module):
-    def __init__(self, num_classes: int = 10, img_size: int = 16, in_chans: int = 3,
+    def __init__(self, num_classes: int = 1000, img_size: int = 16, in_chans: int = 3,
                  drop_path_rate: float = 0.1):
         super().__init__()
         self.num_classes = num_classes
@@ -63,24 +63,26 @@ def install() -> None:
     build.create_model = create_model
 
 
-def _slow_save_after(n: int) -> None:
-    """The n-th atomic checkpoint write stops half way and hangs (until killed)."""
+def _hang_on_checkpoint_write(target: str, n: int) -> None:
+    """The n-th write of checkpoint ``target`` stops half way and hangs (until killed)."""
     real_save = torch.save
     calls = {"n": 0}
 
     def slow_save(obj, fh, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] < n:
-            return real_save(obj, fh, *args, **kwargs)
-        import io
+        name = Path(getattr(fh, "name", "")).name
+        if name.startswith(f".{target}.tmp"):
+            calls["n"] += 1
+            if calls["n"] == n:
+                import io
 
-        buf = io.BytesIO()
-        real_save(obj, buf)
-        data = buf.getvalue()
-        fh.write(data[: len(data) // 2])
-        fh.flush()
-        Path(os.environ["WINATTN_STUB_MARKER"]).write_text("writing")
-        time.sleep(600)
+                buf = io.BytesIO()
+                real_save(obj, buf)
+                data = buf.getvalue()
+                fh.write(data[: len(data) // 2])
+                fh.flush()
+                Path(os.environ["WINATTN_STUB_MARKER"]).write_text("writing")
+                time.sleep(600)
+        return real_save(obj, fh, *args, **kwargs)
 
     torch.save = slow_save
 
@@ -88,8 +90,9 @@ def _slow_save_after(n: int) -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(SRC))
     install()
-    if os.environ.get("WINATTN_STUB_SLOW_SAVE"):
-        _slow_save_after(int(os.environ["WINATTN_STUB_SLOW_SAVE"]))
+    if os.environ.get("WINATTN_STUB_HANG_ON"):
+        target, n = os.environ["WINATTN_STUB_HANG_ON"].split(":")
+        _hang_on_checkpoint_write(target, int(n))
     from winattn.cli.main import main
 
     sys.exit(main(sys.argv[1:]))

@@ -32,8 +32,8 @@ def _stub_model(monkeypatch):
 
 def _cfg(tmp_path, name="run", **kw) -> TrainConfig:
     base = dict(model="tiny_test", data="digits", out=str(tmp_path / name), img_size=16,
-                epochs=3, batch_size=32, lr=3e-3, warmup_epochs=1.0, max_steps_per_epoch=4, val_fraction=0.05,
-                progress=False)
+                epochs=3, batch_size=32, lr=3e-3, warmup_epochs=1.0, max_steps_per_epoch=4,
+                val_fraction=0.05, progress=False)
     base.update(kw)
     return TrainConfig(**base)
 

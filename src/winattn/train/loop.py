@@ -265,6 +265,8 @@ class Trainer:
         rows: list[dict[str, Any]] = []
         if env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            for stale in self.out.glob(".*.pt.tmp-*"):  # left by a run killed mid-write
+                stale.unlink()
             rows = [r for r in read_metrics(self.out / METRICS) if r["epoch"] <= self.epoch]
         metrics: dict[str, Any] = rows[-1] if rows else {}
         # None = tqdm's own choice: a bar on a terminal, none when the output is redirected.
