@@ -1,0 +1,69 @@
+"""Window attention layers: qkv and output projections around the windowed-attention operator."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops import window_attention
+from .position import relative_position_index
+
+
+class WindowAttention(nn.Module):
+    """Swin V1 window attention with a learned relative-position bias table.
+
+    Parameters keep the reference names: ``qkv`` (fused, rows ordered (3, heads, head_dim)),
+    ``proj`` and ``relative_position_bias_table`` of shape ``((2Wh-1)*(2Ww-1), heads)``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: tuple[int, int],
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.window_size = tuple(window_size)
+        table_rows = (2 * window_size[0] - 1) * (2 * window_size[1] - 1)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(table_rows, num_heads))
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def relative_position_bias(self, window_size: tuple[int, int]) -> torch.Tensor:
+        """``(heads, N, N)`` bias for ``window_size`` (at most the table's window)."""
+        index = relative_position_index(tuple(window_size), self.window_size)
+        index = index.to(self.relative_position_bias_table.device)
+        tokens = index.shape[0]
+        bias = self.relative_position_bias_table[index.reshape(-1)]  # (N*N, heads)
+        return bias.view(tokens, tokens, self.num_heads).permute(2, 0, 1)  # (heads, N, N)
+
+    def forward(
+        self, x: torch.Tensor, window_size: tuple[int, int], shift_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """``(B, H, W, C)`` -> ``(B, H, W, C)``; H and W are multiples of the window."""
+        batch, height, width, channels = x.shape
+        qkv = self.qkv(x).view(batch, height, width, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(3)  # each (B, H, W, heads, d)
+        out = window_attention(
+            q,
+            k,
+            v,
+            window_size,
+            shift_size=shift_size,
+            bias=self.relative_position_bias(window_size),
+            scale=self.scale,
+        )  # (B, H, W, heads, d)
+        return self.proj_drop(self.proj(out.reshape(batch, height, width, channels)))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}"

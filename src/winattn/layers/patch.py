@@ -1,0 +1,79 @@
+"""Patch embedding (pixels -> tokens) and patch merging (2x2 tokens -> 1), channels-last."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping ``patch_size`` convolution, then LayerNorm; returns ``(B, H/p, W/p, C)``.
+
+    Images whose sides are not multiples of the patch are padded with zeros at the bottom and
+    right (as Hugging Face does), never cropped.
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, norm: bool = True) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim) if norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(
+                f"images must be laid out (batch, channels, height, width), got rank {x.dim()} "
+                f"with shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"images have {x.shape[1]} channels, the model expects in_chans={self.in_chans} "
+                f"(input shape {tuple(x.shape)})"
+            )
+        height, width = x.shape[-2:]
+        p = self.patch_size
+        if height < p or width < p:
+            raise ValueError(
+                f"image of {height}x{width} pixels is smaller than one {p}x{p} patch"
+            )
+        if height % p or width % p:
+            x = F.pad(x, (0, -width % p, 0, -height % p))
+        x = self.proj(x)  # (B, C, H/p, W/p)
+        return self.norm(x.permute(0, 2, 3, 1))  # (B, H/p, W/p, C)
+
+
+def merge_2x2(x: torch.Tensor) -> torch.Tensor:
+    """``(B, H, W, C)`` -> ``(B, ceil(H/2), ceil(W/2), 4C)``, odd sides zero-padded.
+
+    Neighbour order, the same in all four checkpoint formats: (even row, even col), (odd row,
+    even col), (even row, odd col), (odd row, odd col).
+    """
+    batch, height, width, channels = x.shape
+    if height % 2 or width % 2:
+        x = F.pad(x, (0, 0, 0, width % 2, 0, height % 2))
+        height, width = x.shape[1:3]
+    x = x.reshape(batch, height // 2, 2, width // 2, 2, channels)
+    x = x.permute(0, 1, 3, 4, 2, 5)  # (B, H/2, W/2, col parity, row parity, C)
+    return x.reshape(batch, height // 2, width // 2, 4 * channels)
+
+
+class PatchMerging(nn.Module):
+    """Swin V1 merging: 2x2 neighbours concatenated, LayerNorm, then a bias-free 4C -> 2C linear.
+
+    Swin V2 reverses the order (reduction, then norm): ``norm_first=False``.
+    """
+
+    def __init__(self, dim: int, out_dim: int | None = None, norm_first: bool = True) -> None:
+        super().__init__()
+        out_dim = out_dim or 2 * dim
+        self.norm_first = norm_first
+        self.norm = nn.LayerNorm(4 * dim if norm_first else out_dim)
+        self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = merge_2x2(x)
+        if self.norm_first:
+            return self.reduction(self.norm(x))
+        return self.norm(self.reduction(x))

@@ -1,0 +1,335 @@
+"""Swin Transformer V1 (Liu et al., 2021) on winattn's windowed-attention operator.
+
+Parameter names and shapes are timm's, key for key, so timm checkpoints load as they are and the
+other formats convert by renaming (``winattn.checkpoints``). Any input resolution runs on one
+model object: windows, shifts and padding are worked out per feature-map size at run time.
+
+Reads top to bottom: helpers -> block -> stage -> model -> config -> registered variants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..layers import DropPath, Mlp, PatchEmbed, PatchMerging, WindowAttention
+from .registry import register_model
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: How a block picks its window and shift when the feature map is not larger than the window:
+#: "official" (the official code and Hugging Face): when min(H, W) <= window, the window shrinks
+#:     to min(H, W) and the shift is dropped;
+#: "timm": per axis, the window shrinks to the feature size and that axis's shift is dropped;
+#: "torchvision": the window never shrinks (the map is padded up to it); the shift of an axis is
+#:     dropped when the padded axis is no longer than the window.
+WindowRule = Literal["official", "timm", "torchvision"]
+WINDOW_RULES = ("official", "timm", "torchvision")
+
+
+def to_2tuple(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(value)
+    if len(value) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def resolve_window(
+    feature_size: tuple[int, int],
+    window_size: tuple[int, int],
+    shift_size: tuple[int, int],
+    rule: WindowRule,
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The (window, shift) a block uses on a feature map of ``feature_size``, by ``rule``."""
+    if rule == "official":
+        if any(f <= w for f, w in zip(feature_size, window_size)):
+            smallest = min(feature_size)
+            return (min(smallest, window_size[0]), min(smallest, window_size[1])), (0, 0)
+        return window_size, shift_size
+    if rule == "timm":
+        window = tuple(min(f, w) for f, w in zip(feature_size, window_size))
+        shift = tuple(0 if f <= w else s for f, w, s in zip(feature_size, window, shift_size))
+        return window, shift  # type: ignore[return-value]
+    shift = tuple(0 if f <= w else s for f, w, s in zip(feature_size, window_size, shift_size))
+    return window_size, shift  # type: ignore[return-value]
+
+
+class SwinBlock(nn.Module):
+    """Pre-norm block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``, on ``(B, H, W, C)``.
+
+    The normalised map is zero-padded up to a multiple of the window before the cyclic shift
+    (as torchvision and Hugging Face do); padded tokens take part as keys, as in those peers.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: tuple[int, int],
+        shift: bool,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        proj_drop: float,
+        drop_path: float,
+        window_rule: WindowRule,
+    ) -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.shift_size = (window_size[0] // 2, window_size[1] // 2) if shift else (0, 0)
+        self.window_rule = window_rule
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias, proj_drop)
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path)
+
+    def _attention(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _ = x.shape
+        window, shift = resolve_window(
+            (height, width), self.window_size, self.shift_size, self.window_rule
+        )
+        pad_h, pad_w = -height % window[0], -width % window[1]
+        if pad_h or pad_w:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (B, Hp, Wp, C)
+        x = self.attn(x, window, shift)
+        if pad_h or pad_w:
+            x = x[:, :height, :width]
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self._attention(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class SwinStage(nn.Module):
+    """Optional 2x2 patch merging (timm's layout: at the start of the stage), then blocks."""
+
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int,
+        depth: int,
+        num_heads: int,
+        window_size: tuple[int, int],
+        downsample: bool,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        proj_drop: float,
+        drop_path: list[float],
+        window_rule: WindowRule,
+    ) -> None:
+        super().__init__()
+        self.grad_checkpointing = False
+        self.downsample = PatchMerging(dim, out_dim) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(
+            *[
+                SwinBlock(
+                    out_dim,
+                    num_heads,
+                    window_size,
+                    shift=j % 2 == 1,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    proj_drop=proj_drop,
+                    drop_path=drop_path[j],
+                    window_rule=window_rule,
+                )
+                for j in range(depth)
+            ]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            for block in self.blocks:
+                x = checkpoint(block, x, use_reentrant=False)
+            return x
+        return self.blocks(x)
+
+
+class ClassifierHead(nn.Module):
+    """Global average pool over (H, W), dropout, linear ``fc`` (timm's ``head.fc``)."""
+
+    def __init__(self, in_features: int, num_classes: int, drop_rate: float = 0.0) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.drop(x.mean(dim=(1, 2)))  # (B, C)
+        return x if pre_logits else self.fc(x)
+
+
+@dataclass(frozen=True)
+class SwinConfig:
+    """Hyper-parameters of a Swin V1 model (defaults: Swin-T at 224)."""
+
+    img_size: int | tuple[int, int] = 224
+    patch_size: int = 4
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int | tuple[int, int] = 7
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    window_rule: WindowRule = "official"
+    crop_pct: float = 0.9
+    mean: tuple[float, float, float] = field(default=IMAGENET_MEAN)
+    std: tuple[float, float, float] = field(default=IMAGENET_STD)
+
+    def __post_init__(self) -> None:
+        if len(self.depths) != len(self.num_heads):
+            raise ValueError(
+                f"depths {self.depths} and num_heads {self.num_heads} must have one entry per stage"
+            )
+        if self.window_rule not in WINDOW_RULES:
+            raise ValueError(f"window_rule must be one of {WINDOW_RULES}, got {self.window_rule!r}")
+        for name in ("patch_size", "in_chans", "embed_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: no head), got {self.num_classes}")
+        for w in to_2tuple(self.window_size, "window_size"):
+            if w < 1:
+                raise ValueError(f"window_size must be >= 1, got {self.window_size}")
+
+
+class SwinTransformer(nn.Module):
+    """Swin Transformer V1: patch embedding, stages of (shifted-)window blocks, pooled head.
+
+    ``forward_features`` returns the final-norm map ``(B, H/32, W/32, C)`` (channels last, as
+    timm); ``forward_head`` pools and classifies.
+
+    Example:
+        >>> model = SwinTransformer(SwinConfig(depths=(1, 1), num_heads=(2, 4), embed_dim=32))
+        >>> model(torch.randn(1, 3, 64, 96)).shape
+        torch.Size([1, 1000])
+    """
+
+    def __init__(self, config: SwinConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_classes = config.num_classes
+        window = to_2tuple(config.window_size, "window_size")
+        num_stages = len(config.depths)
+        dims = [config.embed_dim * 2**i for i in range(num_stages)]
+        self.num_features = dims[-1]
+        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, config.embed_dim)
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        stages = []
+        for i in range(num_stages):
+            start = sum(config.depths[:i])
+            stages.append(
+                SwinStage(
+                    dim=dims[max(i - 1, 0)],
+                    out_dim=dims[i],
+                    depth=config.depths[i],
+                    num_heads=config.num_heads[i],
+                    window_size=window,
+                    downsample=i > 0,
+                    mlp_ratio=config.mlp_ratio,
+                    qkv_bias=config.qkv_bias,
+                    proj_drop=config.proj_drop_rate,
+                    drop_path=rates[start : start + config.depths[i]],
+                    window_rule=config.window_rule,
+                )
+            )
+        self.layers = nn.Sequential(*stages)
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = ClassifierHead(self.num_features, config.num_classes, config.drop_rate)
+        self.apply(_init_weights)
+
+    @property
+    def data_config(self) -> dict:
+        """Input size, normalisation and resize settings the model was configured for."""
+        height, width = to_2tuple(self.config.img_size, "img_size")
+        return {
+            "input_size": (self.config.in_chans, height, width),
+            "mean": self.config.mean,
+            "std": self.config.std,
+            "interpolation": "bicubic",
+            "crop_pct": self.config.crop_pct,
+        }
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C_in, H, W)`` images -> ``(B, H/32, W/32, num_features)`` after the final norm."""
+        x = self.patch_embed(x)  # (B, H/4, W/4, C)
+        x = self.layers(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool ``(B, H, W, C)`` features; return pooled features or logits ``(B, classes)``."""
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier with a fresh one for ``num_classes`` (0: no classifier)."""
+        self.num_classes = num_classes
+        self.head.fc = nn.Identity()
+        if num_classes > 0:
+            self.head.fc = nn.Linear(self.num_features, num_classes)
+            _init_weights(self.head.fc)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them."""
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names to exclude from weight decay: the relative-position bias tables."""
+        return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def _register(name: str, **config: object) -> None:
+    register_model(name, SwinTransformer, SwinConfig(**config))  # type: ignore[arg-type]
+
+
+_T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+_S = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
+_B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+_L = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
+
+_register("swin_tiny_patch4_window7_224", **_T, drop_path_rate=0.2)
+_register("swin_small_patch4_window7_224", **_S, drop_path_rate=0.3)
+_register("swin_base_patch4_window7_224", **_B, drop_path_rate=0.5)
+_register("swin_base_patch4_window12_384", **_B, img_size=384, window_size=12, crop_pct=1.0)
+_register("swin_large_patch4_window7_224", **_L)
+_register("swin_large_patch4_window12_384", **_L, img_size=384, window_size=12, crop_pct=1.0)
+# The built-in demo: a small Swin for 32x32 inputs (scikit-learn's digits, upsampled).
+_register(
+    "swin_demo_patch2_window4_32",
+    img_size=32,
+    patch_size=2,
+    num_classes=10,
+    embed_dim=32,
+    depths=(2, 2, 2),
+    num_heads=(2, 4, 8),
+    window_size=4,
+    drop_path_rate=0.1,
+    crop_pct=1.0,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+)
