@@ -64,6 +64,11 @@ def test_train_eval_predict_on_an_image_folder(tmp_path, capsys):
     assert summary["top1"] == pytest.approx(rows[-1]["val_top1"])
     assert (tmp_path / "ev" / "confusion.png").stat().st_size > 0
     assert "top-1" in capsys.readouterr().out
+    # ... and so does pointing it at the plain <class>/<images> folder of the same images
+    assert main(["eval", str(out / "last.pt"), "--data", str(data / "val"),
+                 "--out", str(tmp_path / "ev2")]) == 0
+    again = json.loads((tmp_path / "ev2" / "eval.json").read_text())
+    assert again["images"] == 12 and again["top1"] == pytest.approx(summary["top1"])
 
     # predict prints the class names stored in the checkpoint
     banana = data / "val" / "banana" / "0.png"

@@ -118,7 +118,10 @@ def _assert_same_run(a: Path, b: Path):
     for k in ma:
         assert torch.equal(ma[k], mb[k]), k
         assert torch.equal(ea[k], eb[k]), k
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in rows]  # noqa: E731
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in rows]
+
     assert strip(read_metrics(a / "metrics.jsonl")) == strip(read_metrics(b / "metrics.jsonl"))
 
 
@@ -142,6 +145,16 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch,
     torch.manual_seed(12345)
     train(_cfg(tmp_path, "broken", resume="auto", **extra))
     _assert_same_run(tmp_path / "straight", tmp_path / "broken")
+
+
+def test_dataloader_workers_do_not_change_the_result(tmp_path):
+    extra = dict(epochs=1, augment="light", max_steps_per_epoch=2)
+    train(_cfg(tmp_path, "w0", workers=0, **extra))
+    train(_cfg(tmp_path, "w2", workers=2, **extra))
+    a, _ = _weights(tmp_path / "w0" / "last.pt")
+    b, _ = _weights(tmp_path / "w2" / "last.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_resume_refuses_a_different_configuration(tmp_path):

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from winattn.data.folder import DataError
+from winattn.data.folder import DataError, scan_image_folder
 from winattn.train import build
 from winattn.train.state import CHECKPOINT_FORMAT
 
@@ -36,7 +37,7 @@ def _read_checkpoint(path: str) -> dict[str, Any] | None:
 
 def load_model_for_inference(checkpoint: str | None, model_name: str | None, *,
                              pretrained: bool = False, use_ema: bool = True
-                             ) -> tuple[nn.Module, list[str], dict[str, Any], dict[str, Any] | None]:
+                             ) -> tuple[nn.Module, list[str], dict[str, Any], dict | None]:
     """Build a model for eval/predict: returns (model, class_names, data_config, our_ckpt).
 
     A winattn training checkpoint carries its model name, class names and data config. Any other
@@ -90,12 +91,25 @@ def run_eval(checkpoint: str, *, model_name: str | None = None, data: str | None
         raise ValueError("data: this checkpoint does not name its dataset; pass --data")
     val_fraction = val_fraction or saved.get("val_fraction", 0.2)
     same_as_training = ckpt is not None and data == saved.get("data")
-    splits = build_datasets(data, val_data=saved.get("val_data") if same_as_training else None,
-                            val_fraction=val_fraction, seed=saved.get("seed", 0))
-    if splits.class_names != class_names:
-        raise DataError(f"data: classes {splits.class_names[:10]} of {data!r} do not match the "
+    if same_as_training and val_fraction != saved.get("val_fraction", 0.2):
+        warnings.warn(f"val_fraction {val_fraction} differs from training's "
+                      f"{saved.get('val_fraction')}: this split contains training images")
+    if Path(data).is_dir() and not (Path(data) / "train").is_dir():
+        # A plain <class>/<images> folder: all of it is the evaluation set.
+        val_set = scan_image_folder(data, class_names if ckpt is not None else None)
+        data_classes = val_set.class_names
+    else:
+        splits = build_datasets(data, val_data=saved.get("val_data") if same_as_training
+                                else None, val_fraction=val_fraction, seed=saved.get("seed", 0))
+        val_set, data_classes = splits.val, splits.class_names
+    if ckpt is None and len(data_classes) == len(class_names):
+        # Foreign checkpoints carry no names: sorted folder names are taken as the label order
+        # (true of ImageNet's synset folders).
+        class_names = data_classes
+    if data_classes != class_names:
+        raise DataError(f"data: classes {data_classes[:10]} of {data!r} do not match the "
                         f"model's {class_names[:10]}")
-    val = SeededTransformDataset(splits.val, build_transform(data_config, train=False))
+    val = SeededTransformDataset(val_set, build_transform(data_config, train=False))
     dev = _device(device)
     loader = torch.utils.data.DataLoader(val, batch_size=batch_size)
     result = evaluate(model.to(dev), loader, num_classes=len(class_names), device=dev)

@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="top-1/top-5 and a confusion matrix on a validation set")
-    p.add_argument("checkpoint", help="a winattn training checkpoint, or any checkpoint with --model")
+    p.add_argument("checkpoint",
+                   help="a winattn training checkpoint, or any checkpoint with --model")
     p.add_argument("--model", default=None, help="model name, for checkpoints of other formats")
     p.add_argument("--data", default=None,
                    help="'digits', folder or CSV; default: the checkpoint's own validation split")

@@ -20,7 +20,8 @@ def _pil():
     try:
         from PIL import Image
     except ImportError as err:  # pragma: no cover - pillow ships with the train extra
-        raise ImportError("winattn's data loading needs Pillow: pip install 'winattn[train]'") from err
+        raise ImportError("winattn's data loading needs Pillow: pip install 'winattn[train]'"
+                          ) from err
     return Image
 
 
@@ -66,7 +67,7 @@ def load_rgb(path: str | os.PathLike):
 
 
 def probe_image(path: str | os.PathLike) -> str | None:
-    """Cheap scan-time check: open the header only. Returns None if it looks like an image, else why.
+    """Cheap scan-time check of the header only: None if it looks like an image, else the reason.
 
     A file whose header is valid but whose pixel data is truncated passes here and is caught at
     load time instead (see :class:`winattn.data.folder.ImageListDataset`).

@@ -237,7 +237,8 @@ class Trainer:
             self.step_in_epoch += 1
             self.global_step += 1
             progress.update(1)
-            progress.set_postfix(loss=f"{float(loss):.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+            progress.set_postfix(loss=f"{float(loss):.3f}",
+                                 lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
             if self._should_stop(stop):
                 return False
         return True
@@ -260,7 +261,7 @@ class Trainer:
         return metrics
 
     def fit(self) -> dict[str, Any]:
-        """Train to ``cfg.epochs``; returns the last epoch's metrics. Raises Interrupted on a stop."""
+        """Train to ``cfg.epochs``; return the last epoch's metrics. Raise Interrupted on a stop."""
         cfg, env = self.cfg, self.env
         rows: list[dict[str, Any]] = []
         if env.is_main:

@@ -1,4 +1,4 @@
-"""AdamW with decay only where it belongs, a warm-up + cosine schedule, and an EMA of the weights."""
+"""AdamW with decay only where it belongs, a warm-up + cosine schedule, an EMA of the weights."""
 
 from __future__ import annotations
 
