@@ -34,14 +34,17 @@ def attend_windows(
     """Attention inside windows.
 
     Args:
-        q, k, v: ``(B, nW, heads, N, head_dim)``.
-        mask: additive, broadcastable to ``(nW, heads, N, N)``, or None.
+        q: ``(B, nW, heads, N, head_dim)``.
+        k, v: ``(B, nW, heads, M, head_dim)``; ``M = N`` for plain windows, larger for tiles
+            whose keys include a halo (neighbourhood attention).
+        mask: additive, broadcastable to ``(nW, heads, N, M)``, or None.
         scale: multiplies q.k.
 
     Returns:
         ``(B, nW, heads, N, head_dim)`` in q's dtype.
     """
     batch, num_windows, heads, tokens, head_dim = q.shape
+    keys = k.shape[-2]
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         # On this CPU class, low-precision SDPA loses to explicit matmuls; softmax in float32
         # as the peers do under autocast.
@@ -52,15 +55,23 @@ def attend_windows(
         return torch.matmul(logits.softmax(dim=-1).to(q.dtype), v)
     if mask is None or mask.shape[0] == 1:
         # One mask for every window: fold windows into the batch.
-        shape4 = (batch * num_windows, heads, tokens, head_dim)
-        attn_mask = None if mask is None else mask[0].to(q.dtype)  # (heads, N, N)
+        q_shape = (batch * num_windows, heads, tokens, head_dim)
+        kv_shape = (batch * num_windows, heads, keys, head_dim)
+        attn_mask = None if mask is None else mask[:1].to(q.dtype)  # (1, heads, N, M)
     else:
         # Per-window masks broadcast over the batch when windows join the head axis.
-        shape4 = (batch, num_windows * heads, tokens, head_dim)
-        attn_mask = mask.to(q.dtype).expand(num_windows, heads, tokens, tokens)
-        attn_mask = attn_mask.reshape(num_windows * heads, tokens, tokens)
+        q_shape = (batch, num_windows * heads, tokens, head_dim)
+        kv_shape = (batch, num_windows * heads, keys, head_dim)
+        attn_mask = mask.to(q.dtype).expand(num_windows, heads, tokens, keys)
+        # 4-D: PyTorch's fused CPU kernel takes only 2-D or 4-D masks (a 3-D one falls back to
+        # the unfused math path, several times slower).
+        attn_mask = attn_mask.reshape(1, num_windows * heads, tokens, keys)
     out = F.scaled_dot_product_attention(
-        q.reshape(shape4), k.reshape(shape4), v.reshape(shape4), attn_mask=attn_mask, scale=scale
+        q.reshape(q_shape),
+        k.reshape(kv_shape),
+        v.reshape(kv_shape),
+        attn_mask=attn_mask,
+        scale=scale,
     )
     return out.view(batch, num_windows, heads, tokens, head_dim)
 
