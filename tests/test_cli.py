@@ -69,6 +69,7 @@ def test_train_eval_predict_on_an_image_folder(tmp_path, capsys):
                  "--out", str(tmp_path / "ev2")]) == 0
     again = json.loads((tmp_path / "ev2" / "eval.json").read_text())
     assert again["images"] == 12 and again["top1"] == pytest.approx(summary["top1"])
+    capsys.readouterr()
 
     # predict prints the class names stored in the checkpoint
     banana = data / "val" / "banana" / "0.png"

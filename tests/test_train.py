@@ -210,7 +210,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     # The runs did move the weights: equality is not two untouched initialisations.
     torch.manual_seed(0)  # the runs seed this before building the model
-    init = stub.TinyNet(img_size=16).state_dict()
+    init = stub.TinyNet(num_classes=10, img_size=16).state_dict()
     assert not torch.allclose(a["head.weight"], init["head.weight"])
     rows_one = read_metrics(tmp_path / "one" / "metrics.jsonl")
     rows_two = read_metrics(tmp_path / "two" / "metrics.jsonl")
