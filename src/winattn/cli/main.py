@@ -7,6 +7,7 @@ PyTorch's own launcher: ``torchrun --nproc_per_node N -m winattn train ...``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -78,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from winattn.train.loop import train
 
     metrics = train(_train_config(args))
-    if metrics:
+    if metrics and os.environ.get("RANK", "0") == "0":
         print(f"final val_top1 {100 * metrics['val_top1']:.2f}%  checkpoint {args.out}/last.pt")
     return 0
 
