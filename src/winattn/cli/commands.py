@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,10 @@ def _read_checkpoint(path: str) -> dict[str, Any] | None:
     if not p.exists():
         raise FileNotFoundError(f"checkpoint: {path!r} does not exist")
     if p.is_file() and p.suffix in (".pt", ".pth"):
-        obj = torch.load(p, map_location="cpu", weights_only=False)
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # holds other Python objects: not a winattn checkpoint
+            return None
         if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
             return obj
     return None
