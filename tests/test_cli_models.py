@@ -85,3 +85,16 @@ def test_finetune_loads_everything_but_the_head(tmp_path):
             assert v.shape[0] == 10
         else:
             assert torch.equal(v, want[k]), k
+
+
+def test_finetune_from_a_checkpoint_of_another_model_is_an_error(tmp_path, capsys):
+    if not hasattr(winattn, "load_checkpoint"):
+        pytest.skip("winattn.load_checkpoint has not landed yet")
+    other = winattn.create_model(DEMO_MODEL, embed_dim=48, num_heads=(3, 6, 12))
+    torch.save(other.state_dict(), tmp_path / "other.pth")
+    rc = main(["train", "--model", DEMO_MODEL, "--finetune", str(tmp_path / "other.pth"),
+               "--out", str(tmp_path / "ft"), "--epochs", "1", "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("winattn train: error: ") and "other.pth" in err
+    assert not (tmp_path / "ft" / "last.pt").exists()
