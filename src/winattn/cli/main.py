@@ -87,7 +87,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from winattn.cli import commands, demo
 
-    parser = argparse.ArgumentParser(prog="winattn", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="winattn", description="winattn: train, evaluate, predict, inspect models.",
+        epilog="Multi-process: torchrun --nproc_per_node N -m winattn train ...")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model (torchrun-aware)")
