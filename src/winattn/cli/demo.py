@@ -32,7 +32,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = _train_config(args, data="digits", **overrides)
     out = Path(cfg.out)
     print(f"training {cfg.model} from scratch on the digits set at {cfg.img_size}x{cfg.img_size} "
-          f"({cfg.epochs} epochs, {torch.get_num_threads()} threads) -> {out}", flush=True)
+          f"({cfg.epochs} epochs, torch threads: {torch.get_num_threads()}) -> {out}", flush=True)
     train(cfg)
     train_seconds = time.perf_counter() - start
 

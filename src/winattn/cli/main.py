@@ -59,6 +59,10 @@ def _add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=_positive_int, default=1 if demo else None,
+                   help="CPU threads per process for torch ops (default: " +
+                   ("1: the demo model's ops are too small to gain from more, and extra threads "
+                    "spin badly on a busy machine)" if demo else "torch's choice)"))
     p.add_argument("--max-steps-per-epoch", type=_positive_int, default=None)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: on a terminal only)")
@@ -67,7 +71,11 @@ def _add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
 def _train_config(args: argparse.Namespace, **override):
     from winattn.train.config import TrainConfig
 
-    values = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "func", "threads")}
     values.update(override)
     values = {k: v for k, v in values.items() if v is not None or k in ("clip_grad",)}
     if values.get("clip_grad") == 0:
