@@ -159,6 +159,8 @@ def test_dataloader_workers_do_not_change_the_result(tmp_path):
 
 def test_resume_refuses_a_different_configuration(tmp_path):
     train(_cfg(tmp_path, epochs=1))
+    with pytest.raises(ValueError, match="resume: .*best.pt.* holds weights only"):
+        train(_cfg(tmp_path, epochs=1, resume=str(tmp_path / "run" / "best.pt")))
     with pytest.raises(ValueError, match="resume: batch_size is 16"):
         train(_cfg(tmp_path, epochs=1, batch_size=16, resume="auto"))
 

@@ -153,6 +153,9 @@ class Trainer:
                 return None
             raise FileNotFoundError(f"resume: checkpoint {str(path)!r} does not exist")
         ckpt = load_train_checkpoint(path)
+        if "optimizer" not in ckpt:
+            raise ValueError(f"resume: {str(path)!r} holds weights only (like best.pt); resume "
+                             f"from a full checkpoint such as {str(self.out / LAST)!r}")
         if self.env.is_main:
             print(f"resuming from {path} (epoch {ckpt['epoch']}, step {ckpt['step_in_epoch']})")
         return ckpt
