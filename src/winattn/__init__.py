@@ -1,5 +1,6 @@
 """winattn: exact, fast local-window self-attention and the Swin Transformer family."""
 
+from .checkpoints import load_checkpoint
 from .models import SwinConfig, SwinTransformer, create_model, list_models
 from .models import SwinFeatures, SwinTransformerV2, SwinV2Config
 from .ops import WindowAttentionOp, window_attention
@@ -23,6 +24,7 @@ __all__ = [
     "create_model",
     "export_onnx",
     "list_models",
+    "load_checkpoint",
     "window_attention",
 ]
 __all__ += [
