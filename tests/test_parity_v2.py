@@ -103,4 +103,7 @@ def test_huggingface(name):
                        window_size=window, num_classes=1000)
     config.pretrained_window_sizes = list(pretrained_windows or (0, 0, 0, 0))
     peer = randomize_(hf_model(config))
-    _check(name, peer.state_dict(), peer, "huggingface", [None, ODD_SIZE], window_rule="official")
+    # Only at the configured size: Hugging Face's Swinv2 fixes each block's window and shift at
+    # build time from config.image_size (stage grids rounded down), so at another input size it
+    # runs windows no runtime rule gives (docs/resolution.md).
+    _check(name, peer.state_dict(), peer, "huggingface", [None], window_rule="official")
