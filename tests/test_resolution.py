@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import winattn
+from winattn.checkpoints import load_checkpoint
 from winattn.models.swin import SwinConfig, SwinTransformer
 from winattn.models.swin_v2 import SwinTransformerV2, SwinV2Config
 
@@ -54,9 +55,6 @@ def test_one_model_object_matches_torchvision_at_each_size(version):
     """torchvision pads before the shift and never shrinks a window: window_rule="torchvision".
     160x320 puts a 5x10 map under a 7x7 window in the last stage (padded, shift kept on one
     axis); 1000x600 pads every stage."""
-    pytest.importorskip("winattn.checkpoints", reason="needs winattn.checkpoints")
-    from winattn.checkpoints import load_checkpoint
-
     tv = pytest.importorskip("torchvision.models.swin_transformer")
     extra = {} if version == 1 else dict(block=tv.SwinTransformerBlockV2,
                                          downsample_layer=tv.PatchMergingV2)

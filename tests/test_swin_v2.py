@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import winattn
+from winattn.checkpoints import from_native, load_checkpoint
 
 timm = pytest.importorskip("timm")
 
@@ -62,18 +63,9 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def load(model: nn.Module, state_dict: dict) -> nn.Module:
-    """Convert through the checkpoint loader; before it exists, timm's layout loads directly."""
-    try:
-        from winattn.checkpoints import load_checkpoint
-    except ImportError:
-        missing, unexpected = model.load_state_dict(state_dict, strict=True)
-        return model.eval()
+    """Convert any peer's layout through the checkpoint loader (strict: every key accounted)."""
     load_checkpoint(model, state_dict)
     return model.eval()
-
-
-def needs_loader():
-    return pytest.importorskip("winattn.checkpoints", reason="needs winattn.checkpoints")
 
 
 # ---------------------------------------------------------------- configuration, keys, shapes
@@ -148,8 +140,6 @@ def test_matches_timm_every_variant(name):
 # ---------------------------------------------------------------- official layout
 def official_state_dict(peer: nn.Module) -> dict:
     """timm's weights in the official layout, with the buffers official checkpoints persist."""
-    from winattn.checkpoints import from_native
-
     state = from_native(peer.state_dict(), "official")
     for key, buffer in peer.named_buffers():
         if key.endswith(("relative_coords_table", "relative_position_index")):
@@ -161,7 +151,6 @@ def official_state_dict(peer: nn.Module) -> dict:
     "name,img_size", [("swinv2_tiny_window8_256", 256), ("swinv2_base_window12to16_192to256", 128)]
 )
 def test_matches_official_layout(name, img_size):
-    needs_loader()
     peer = randomize_(timm.create_model(name, pretrained=False, img_size=img_size))
     state = official_state_dict(peer)
     ours = winattn.create_model(name, img_size=img_size, window_rule="timm")
@@ -174,7 +163,6 @@ def test_matches_official_layout(name, img_size):
 def test_pretrained_window_mismatch_is_named():
     """A fine-tuned checkpoint's CPB was normalised by its pre-training window: without it the
     model would silently compute other biases; the check names the setting to use."""
-    needs_loader()
     peer = timm.create_model(
         "swinv2_base_window12to16_192to256", pretrained=False, img_size=64,
         depths=(1, 1, 1, 1),
@@ -204,7 +192,6 @@ def test_pretrained_window_mismatch_is_named():
     ],
 )
 def test_matches_torchvision(tv_name, name, img_size):
-    needs_loader()
     models = pytest.importorskip("torchvision.models")
     peer = randomize_(getattr(models, tv_name)(weights=None))
     ours = winattn.create_model(name, window_rule="torchvision")
@@ -225,7 +212,6 @@ HF_ATOL = 1e-3
 
 @pytest.mark.parametrize("img_size,window", [(256, 8), (128, 8)])
 def test_matches_huggingface_within_its_double_mask(img_size, window):
-    needs_loader()
     transformers = pytest.importorskip("transformers")
     config = transformers.Swinv2Config(
         image_size=img_size, patch_size=4, embed_dim=96, depths=[2, 2, 6, 2],
