@@ -173,10 +173,13 @@ def test_pretrained_window_mismatch_is_named():
     )
     with pytest.raises(ValueError, match=r"pretrained_window_sizes\[0\]=12"):
         wrong.check_checkpoint_buffers(state)
+    with pytest.raises(ValueError, match=r"pretrained_window_sizes\[0\]=12"):
+        winattn.load_checkpoint(wrong, state)  # the loader runs the check before converting
     right = winattn.create_model(
         "swinv2_base_window12to16_192to256", img_size=64, depths=(1, 1, 1, 1)
     )
     right.check_checkpoint_buffers(state)
+    winattn.load_checkpoint(right, state)
 
 
 # ---------------------------------------------------------------- torchvision

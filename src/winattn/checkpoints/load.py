@@ -216,7 +216,13 @@ def load_checkpoint(
         >>> report = load_checkpoint(model, "swin_tiny.pth", drop_head=True)  # doctest: +SKIP
     """
     raw, where = read_checkpoint(source)
-    ckpt, fmt = to_native(unwrap(raw, prefer_ema=prefer_ema))
+    unwrapped = unwrap(raw, prefer_ema=prefer_ema)
+    # Swin V2's coordinate tables say which pretrained window a checkpoint was trained with;
+    # conversion drops them, so the model checks them first (a mismatch silently changes outputs).
+    check_buffers = getattr(model, "check_checkpoint_buffers", None)
+    if check_buffers is not None:
+        check_buffers(unwrapped)
+    ckpt, fmt = to_native(unwrapped)
     target = model.state_dict()
     _check_layout(ckpt, target, where, drop_head)
     report = LoadReport(format=fmt, source=where)
