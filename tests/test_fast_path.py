@@ -103,3 +103,127 @@ def test_attend_qkv_per_window_mask_gradient_sums_over_batch():
         sink += [out.detach(), leaves[0].grad, leaves[1].grad]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- Swin stages
+from winattn import SwinConfig, SwinTransformer  # noqa: E402
+from winattn.layers import fused  # noqa: E402
+
+TINY = dict(embed_dim=16, depths=(2, 3), num_heads=(2, 4), window_size=4, patch_size=2,
+            drop_path_rate=0.0, num_classes=5)
+
+
+def _grid_path(model: SwinTransformer, x: torch.Tensor) -> torch.Tensor:
+    """The same model run block by block on the grid layout (roll-free operator calls)."""
+    feats = model.patch_embed(x)
+    for stage in model.layers:
+        feats = stage._forward_grid(stage.downsample(feats))
+    return model.forward_head(model.norm(feats))
+
+
+@pytest.mark.parametrize("size", [(32, 32), (30, 42), (18, 26)])
+def test_window_order_stages_match_grid_path_forward_and_backward(size):
+    torch.manual_seed(0)
+    model = SwinTransformer(SwinConfig(**TINY)).double()
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    grads = []
+    for run in (model, lambda t: _grid_path(model, t)):
+        model.zero_grad()
+        out = run(x)
+        out.square().sum().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-10, atol=1e-10)
+    for name in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][name], grads[1][1][name], rtol=1e-9, atol=1e-10,
+                                   msg=name)
+
+
+def test_eval_matches_grid_path_and_mask_cache_follows_weight_updates():
+    torch.manual_seed(0)
+    model = SwinTransformer(SwinConfig(**TINY)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _grid_path(model, x), rtol=1e-5, atol=1e-5)
+        table = model.layers[0].blocks[1].attn.relative_position_bias_table
+        table.add_(torch.randn_like(table))  # a cached folded mask must not survive this
+        torch.testing.assert_close(model(x), _grid_path(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_checkpointed_stages_give_the_same_gradients():
+    torch.manual_seed(0)
+    model = SwinTransformer(SwinConfig(**TINY)).double()
+    x = torch.randn(1, 3, 30, 30, dtype=torch.float64)
+    results = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        model(x).sum().backward()
+        results.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+def test_norm_mlp_function_matches_modules_in_float64():
+    torch.manual_seed(0)
+    norm, fc1, fc2 = torch.nn.LayerNorm(12), torch.nn.Linear(12, 48), torch.nn.Linear(48, 12)
+    for module in (norm, fc1, fc2):
+        module.double()
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    params = [*norm.parameters(), *fc1.parameters(), *fc2.parameters()]
+    x = torch.randn(3, 7, 12, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 7, 12, dtype=torch.float64)
+    got = fused.norm_mlp(x, norm, fc1, fc2)
+    got_grads = torch.autograd.grad(got, [x, *params], grad)
+    want = fc2(torch.nn.functional.gelu(fc1(norm(x))))
+    want_grads = torch.autograd.grad(want, [x, *params], grad)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.norm_mlp(x.float(), norm.float(), fc1.float(), fc2.float()),
+                                   want.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_autocast_training_error_within_twice_the_modules_error():
+    """STYLE's low-precision rule on the fused MLP: error against float64 at most 2x (output)
+    and 3x (gradients) the error of the plain modules under the same autocast, plus a floor."""
+    torch.manual_seed(0)
+    norm, fc1, fc2 = torch.nn.LayerNorm(32), torch.nn.Linear(32, 128), torch.nn.Linear(128, 32)
+    params = [*norm.parameters(), *fc1.parameters(), *fc2.parameters()]
+    x = torch.randn(4, 49, 32, requires_grad=True)
+    grad = torch.randn(4, 49, 32)
+
+    def run(fn, cast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
+            out = fn(x)
+        return [out.float(), *torch.autograd.grad(out.float(), [x, *params], grad)]
+
+    modules = lambda t: fc2(torch.nn.functional.gelu(fc1(norm(t))))  # noqa: E731
+    with torch.autocast("cpu", enabled=False):
+        exact = [t.double() for t in run(modules, False)]  # float32 is far below bf16 noise
+    plain = run(modules, True)
+    fast = run(lambda t: fused.norm_mlp(t, norm, fc1, fc2), True)
+    for i, (e, p, f) in enumerate(zip(exact, plain, fast)):
+        factor = 2 if i == 0 else 3
+        assert (f.double() - e).abs().max() <= factor * (p.double() - e).abs().max() + 1e-5, i
+
+
+def test_swin_tiny_matches_timm():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    name = "swin_tiny_patch4_window7_224"
+    peer = timm.create_model(name, drop_path_rate=0.0).eval()
+    ours = winattn_create(name)
+    ours.load_state_dict({k: v for k, v in peer.state_dict().items()
+                          if "relative_position_index" not in k and "attn_mask" not in k})
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peer(x), rtol=0, atol=1e-4)
+
+
+def winattn_create(name):
+    from winattn import create_model
+
+    return create_model(name, drop_path_rate=0.0).eval()

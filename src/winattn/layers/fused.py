@@ -3,8 +3,9 @@
 On CPU, ``torch.ops.mkldnn._linear_pointwise`` runs the matmul, the bias add and the
 activation in one pass over the output, where ``F.gelu(F.linear(...))`` writes and re-reads it.
 Under CPU autocast the weights are cast once and cached (keyed by the parameter's identity and
-version, so an update invalidates the copy). It has no backward: with gradients enabled, or off
-the CPU, the plain PyTorch ops run instead.
+version, so an update invalidates the copy). The oneDNN op has no backward: with gradients
+enabled a small autograd Function wraps it (backward as autograd's); off the CPU the plain
+PyTorch ops run.
 """
 
 from __future__ import annotations
@@ -19,10 +20,47 @@ _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 def _onednn_ready(x: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
-        and not torch.is_grad_enabled()
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+
+def _matmul_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none"
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` (then ``activation``) in one oneDNN call, all in x's dtype."""
+    if activation == "gelu":
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _LinearFunction(torch.autograd.Function):
+    """``F.linear`` whose forward matmul runs through oneDNN (faster than the BLAS ``addmm``
+    on the CPUs measured); backward is autograd's (two ``mm`` and a sum). Inputs arrive
+    already in the compute dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _matmul_forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (T, out)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_2d @ weight).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_2d.t() @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_2d.sum(0)
+        return grad_x, grad_w, grad_b
 
 
 def _cast_weight(layer: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
@@ -42,19 +80,17 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
 
     Under CPU autocast the matmul runs in the autocast dtype, as ``nn.Linear`` would.
     """
-    if _onednn_ready(x):
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        if dtype in _ONEDNN_DTYPES and layer.weight.dtype in _ONEDNN_DTYPES:
-            weight = _cast_weight(layer, dtype)
-            bias = layer.bias
-            if bias is not None and bias.dtype != dtype:
-                bias = bias.to(dtype)
-            with torch.autocast("cpu", enabled=False):
-                if gelu:
-                    return torch.ops.mkldnn._linear_pointwise(
-                        x.to(dtype), weight, bias, "gelu", [], "none"
-                    )
-                return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight, bias, "none", [], "")
+    dtype = _compute_dtype(x)
+    if _onednn_ready(x) and dtype in _ONEDNN_DTYPES and layer.weight.dtype in _ONEDNN_DTYPES:
+        with torch.autocast("cpu", enabled=False):
+            if not torch.is_grad_enabled():
+                weight = _cast_weight(layer, dtype)
+                bias = _cast(layer.bias, dtype)
+                return _matmul_forward(x.to(dtype), weight, bias, "gelu" if gelu else "none")
+            out = _LinearFunction.apply(
+                x.to(dtype), layer.weight.to(dtype), _cast(layer.bias, dtype)
+            )
+            return F.gelu(out) if gelu else out
     out = layer(x)
     return F.gelu(out) if gelu else out
 
@@ -71,11 +107,11 @@ class _NormMlpFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias):  # type: ignore[override]
         width = (x.shape[-1],)
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        dtype = _compute_dtype(x)
         with torch.autocast("cpu", enabled=False):
             normed, mean, rstd = torch.native_layer_norm(x, width, norm_weight, norm_bias, eps)
-            pre = F.linear(normed.to(dtype), fc1_weight.to(dtype), _cast(fc1_bias, dtype))
-            out = F.linear(F.gelu(pre), fc2_weight.to(dtype), _cast(fc2_bias, dtype))
+            pre = _matmul_forward(normed.to(dtype), fc1_weight.to(dtype), _cast(fc1_bias, dtype))
+            out = _matmul_forward(F.gelu(pre), fc2_weight.to(dtype), _cast(fc2_bias, dtype))
         ctx.save_for_backward(x, mean, rstd, pre, norm_weight, norm_bias, fc1_weight, fc2_weight)
         ctx.eps = eps
         ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
@@ -131,7 +167,8 @@ def norm_mlp(x: torch.Tensor, norm: nn.LayerNorm, fc1: nn.Linear, fc2: nn.Linear
     memory-lean autograd Function (:class:`_NormMlpFunction`) with them, on CPU."""
     if not torch.is_grad_enabled():
         return linear(linear(norm(x), fc1, gelu=True), fc2)
-    if x.device.type != "cpu" or not isinstance(norm, nn.LayerNorm):
+    usable = _onednn_ready(x) and _compute_dtype(x) in _ONEDNN_DTYPES
+    if not usable or not isinstance(norm, nn.LayerNorm) or norm.weight is None:
         return fc2(F.gelu(fc1(norm(x))))
     return _NormMlpFunction.apply(
         x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias

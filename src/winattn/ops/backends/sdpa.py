@@ -72,8 +72,10 @@ class _WindowAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, scale: float):  # type: ignore[override]
         expanded = None if mask is None else expand_to_batch(mask, q.shape[0])
+        # Detached, so SDPA takes its fused kernel (it refuses a mask that wants a gradient).
+        detached = None if expanded is None else expanded.detach()
         with torch.no_grad():
-            out = _fused_attention(q, k, v, expanded, scale)  # (B*nW, N, heads, d)
+            out = _fused_attention(q.detach(), k.detach(), v.detach(), detached, scale)
         ctx.save_for_backward(q, k, v, mask, out)
         ctx.scale = scale
         return out
