@@ -176,6 +176,11 @@ def build_peers(variant: str, peers: list[str], img_size: int = 224, drop_path: 
         "timm": Peer("timm", timm_model, timm_model, timm_model.forward_features),
     }
     tv_name, hf_args = VARIANTS[variant]
+    if getattr(winattn, "load_checkpoint", None) is None:
+        for name in ("torchvision", "transformers"):
+            if name in peers:
+                notes[name] = "left out: this winattn has no load_checkpoint to check parity with"
+        peers = [p for p in peers if p not in ("torchvision", "transformers")]
     if "torchvision" in peers:
         try:
             import torchvision
