@@ -38,14 +38,14 @@ def combine_mask(
 
 
 def expand_to_batch(mask: torch.Tensor, rows: int) -> torch.Tensor:
-    """``(nW, heads, N, N)`` -> ``(rows, heads, N, N)`` contiguous, ``rows = batch * nW``, since
+    """``(nW, heads, N, M)`` -> ``(rows, heads, N, M)`` contiguous, ``rows = batch * nW``, since
     SDPA's fused CPU kernel broadcasts size-1 dims only. A mask with 1 or ``rows`` leading
     entries is returned as it is."""
-    num_windows, heads, tokens, _ = mask.shape
+    num_windows, heads, tokens, keys = mask.shape
     if num_windows in (1, rows):
         return mask
-    expanded = mask.unsqueeze(0).expand(rows // num_windows, num_windows, heads, tokens, tokens)
-    return expanded.reshape(rows, heads, tokens, tokens)
+    expanded = mask.unsqueeze(0).expand(rows // num_windows, num_windows, heads, tokens, keys)
+    return expanded.reshape(rows, heads, tokens, keys)
 
 
 def _fused_attention(
@@ -122,10 +122,10 @@ def attend_qkv(
     """Attention inside windows, as the Swin stages call it.
 
     Args:
-        q, k, v: ``(batch * nW, heads, N, head_dim)``, any strides with a unit last stride
-            (views into the fused qkv projection are fine).
-        mask: additive ``(nW, heads, N, N)``, ``(1, heads, N, N)`` or already expanded to
-            ``(batch * nW, heads, N, N)`` (bias and shift mask folded together), or None;
+        q: ``(batch * nW, heads, N, head_dim)``; k, v: ``(batch * nW, heads, M, head_dim)``;
+            any strides with a unit last stride (views into the fused qkv projection are fine).
+        mask: additive ``(nW, heads, N, M)``, ``(1, heads, N, M)`` or already expanded to
+            ``(batch * nW, heads, N, M)`` (bias and shift mask folded together), or None;
             windows are the inner part of q's leading axis.
         scale: multiplies q.k.
 
@@ -149,18 +149,23 @@ def attend_windows(
     """Attention inside windows.
 
     Args:
-        q, k, v: ``(B, nW, heads, N, head_dim)``.
-        mask: additive, broadcastable to ``(nW, heads, N, N)``, or None.
+        q: ``(B, nW, heads, N, head_dim)``.
+        k, v: ``(B, nW, heads, M, head_dim)``; ``M = N`` for plain windows, larger for tiles
+            whose keys include a halo (neighbourhood attention).
+        mask: additive, broadcastable to ``(nW, heads, N, M)``, or None.
         scale: multiplies q.k.
 
     Returns:
         ``(B, nW, heads, N, head_dim)`` in q's dtype.
     """
     batch, num_windows, heads, tokens, head_dim = q.shape
-    shape4 = (batch * num_windows, heads, tokens, head_dim)
+    keys = k.shape[-2]
+    q_shape = (batch * num_windows, heads, tokens, head_dim)
+    kv_shape = (batch * num_windows, heads, keys, head_dim)
     if mask is not None:
-        mask = mask.expand(num_windows if mask.shape[0] != 1 else 1, heads, tokens, tokens)
-    out = attend_qkv(q.reshape(shape4), k.reshape(shape4), v.reshape(shape4), mask, scale)
+        leading = num_windows if mask.dim() == 4 and mask.shape[0] != 1 else 1
+        mask = mask.expand(leading, heads, tokens, keys)
+    out = attend_qkv(q.reshape(q_shape), k.reshape(kv_shape), v.reshape(kv_shape), mask, scale)
     return out.view(batch, num_windows, tokens, heads, head_dim).transpose(2, 3)
 
 
