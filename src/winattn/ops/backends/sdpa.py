@@ -160,11 +160,19 @@ def attend_windows(
     """
     batch, num_windows, heads, tokens, head_dim = q.shape
     keys = k.shape[-2]
+    if mask is not None and mask.dim() == 4 and mask.shape[0] != 1:
+        # Per-window masks: windows join the head axis, so one mask broadcasts over the batch
+        # without a batch-expanded copy.
+        q_shape = (batch, num_windows * heads, tokens, head_dim)
+        kv_shape = (batch, num_windows * heads, keys, head_dim)
+        mask = mask.expand(num_windows, heads, tokens, keys).reshape(1, -1, tokens, keys)
+        out = attend_qkv(q.reshape(q_shape), k.reshape(kv_shape), v.reshape(kv_shape), mask, scale)
+        out = out.view(batch, tokens, num_windows, heads, head_dim)
+        return out.permute(0, 2, 3, 1, 4)  # (B, nW, heads, N, d)
     q_shape = (batch * num_windows, heads, tokens, head_dim)
     kv_shape = (batch * num_windows, heads, keys, head_dim)
     if mask is not None:
-        leading = num_windows if mask.dim() == 4 and mask.shape[0] != 1 else 1
-        mask = mask.expand(leading, heads, tokens, keys)
+        mask = mask.expand(1, heads, tokens, keys)
     out = attend_qkv(q.reshape(q_shape), k.reshape(kv_shape), v.reshape(kv_shape), mask, scale)
     return out.view(batch, num_windows, tokens, heads, head_dim).transpose(2, 3)
 
