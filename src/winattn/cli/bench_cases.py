@@ -310,8 +310,19 @@ def run_worker(spec: dict) -> dict:
         with torch.no_grad(), autocast_context(spec["dtype"]):
             for _ in range(spec.get("steps", 1)):
                 peer.features(x)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mib()
     return {"baseline_rss_mib": base, "peak_rss_mib": peak, "peak_over_baseline_mib": peak - base}
+
+
+def _peak_rss_mib() -> float:
+    """VmHWM: the peak RSS of this process image. (``ru_maxrss`` would not do: Linux carries
+    it across ``execve`` from the forking parent, so a child of a large parent inherits its
+    peak.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _rss_mib() -> float:
