@@ -55,7 +55,8 @@ class _LinearFunction(torch.autograd.Function):
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (T, out)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_2d @ weight).view(x.shape)
+            # grad @ W as a oneDNN "linear" against W^T (a small copy of the weight).
+            grad_x = _matmul_forward(grad_2d, weight.t().contiguous(), None).view(x.shape)
         if ctx.needs_input_grad[1]:
             grad_w = grad_2d.t() @ x.reshape(-1, x.shape[-1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -127,7 +128,7 @@ class _NormMlpFunction(torch.autograd.Function):
             hidden = F.gelu(pre).reshape(-1, pre.shape[-1])  # (T, 4C) recomputed
             grad_fc2_weight = (grad_out.t() @ hidden).to(fc2_weight.dtype)
             grad_fc2_bias = grad_out.sum(0).to(fc2_weight.dtype) if ctx.has_bias[1] else None
-            grad_hidden = grad_out @ fc2_weight.to(dtype)  # (T, 4C)
+            grad_hidden = _matmul_forward(grad_out, fc2_weight.to(dtype).t().contiguous(), None)
             del hidden
             grad_pre = torch.ops.aten.gelu_backward(grad_hidden, pre.reshape(grad_hidden.shape))
             del grad_hidden
@@ -135,7 +136,8 @@ class _NormMlpFunction(torch.autograd.Function):
             normed = normed * norm_weight + norm_bias if norm_weight is not None else normed
             grad_fc1_weight = (grad_pre.t() @ normed.to(dtype)).to(fc1_weight.dtype)
             grad_fc1_bias = grad_pre.sum(0).to(fc1_weight.dtype) if ctx.has_bias[0] else None
-            grad_normed = (grad_pre @ fc1_weight.to(dtype)).to(x.dtype).view(x.shape)
+            grad_normed = _matmul_forward(grad_pre, fc1_weight.to(dtype).t().contiguous(), None)
+            grad_normed = grad_normed.to(x.dtype).view(x.shape)
             grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
                 grad_normed,
                 x,
