@@ -85,31 +85,31 @@ class _WindowAttentionFunction(torch.autograd.Function):
         q, k, v, mask, out = ctx.saved_tensors
         scale = ctx.scale
         dtype = q.dtype
-        # Recompute in at least float32; (B*nW, heads, N, *) layouts.
+        # Matmuls in the inputs' dtype (bf16 ones as autocast's backward would run them),
+        # softmax and its gradient in at least float32; (B*nW, heads, N, *) layouts.
         work = torch.promote_types(dtype, torch.float32)
-        qf, kf, vf = q.to(work), k.to(work), v.to(work)
-        grad_out = grad_out.to(work).transpose(1, 2)  # (B*nW, heads, N, d)
-        out = out.to(work).transpose(1, 2)
-        logits = torch.matmul(qf, kf.transpose(-1, -2)).mul_(scale)  # (B*nW, heads, N, N)
+        grad_out = grad_out.to(dtype).transpose(1, 2)  # (B*nW, heads, N, d)
+        out = out.transpose(1, 2)
+        logits = torch.matmul(q, k.transpose(-1, -2)).to(work).mul_(scale)  # (B*nW, heads, N, M)
         if mask is not None:
             windows = mask.shape[0]
             logits.view(-1, windows, *logits.shape[1:]).add_(mask.to(work))
         probs = torch.softmax(logits, dim=-1)
         del logits
-        grad_probs = torch.matmul(grad_out, vf.transpose(-1, -2))  # (B*nW, heads, N, N)
-        row_dot = (grad_out * out).sum(dim=-1, keepdim=True)  # (B*nW, heads, N, 1)
+        grad_probs = torch.matmul(grad_out, v.transpose(-1, -2)).to(work)  # (B*nW, heads, N, M)
+        row_dot = (grad_out.to(work) * out.to(work)).sum(dim=-1, keepdim=True)  # (.., N, 1)
         grad_logits = grad_probs.sub_(row_dot).mul_(probs)  # dS = P * (dP - rowsum(dO*O))
-        grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
+        grad_v = torch.matmul(probs.to(dtype).transpose(-1, -2), grad_out)
         del probs
         grad_mask = None
         if mask is not None and ctx.needs_input_grad[3]:
             windows = mask.shape[0]
             grad_mask = grad_logits.view(-1, windows, *grad_logits.shape[1:]).sum(0)
             grad_mask = grad_mask.to(mask.dtype)
-        grad_logits.mul_(scale)
-        grad_q = torch.matmul(grad_logits, kf).to(dtype)
-        grad_k = torch.matmul(grad_logits.transpose(-1, -2), qf).to(dtype)
-        return grad_q, grad_k, grad_v.to(dtype), grad_mask, None
+        grad_logits = grad_logits.mul_(scale).to(dtype)
+        grad_q = torch.matmul(grad_logits, k)
+        grad_k = torch.matmul(grad_logits.transpose(-1, -2), q)
+        return grad_q, grad_k, grad_v, grad_mask, None
 
 
 def attend_qkv(
