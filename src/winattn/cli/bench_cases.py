@@ -116,14 +116,15 @@ def git_commit() -> str | None:
     return sha + ("-dirty" if dirty else "")
 
 
-def matmul_peak(size: int = 1024, repeats: int = 10) -> dict[str, float]:
-    """Achieved GFLOP/s of one square matmul, fp32 and bf16: the roofline's compute ceiling
-    as this machine delivers it through PyTorch (median of ``repeats``)."""
+def matmul_peak(size: int = 2048, repeats: int = 8) -> dict[str, float]:
+    """GFLOP/s of one square matmul, fp32 and bf16: the roofline's compute ceiling as this
+    machine delivers it through PyTorch. The best of ``repeats``, since other load on the
+    machine can only slow a call down."""
     peaks = {}
     for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
         times = time_interleaved({label: lambda: a @ b}, warmup=2, repeats=repeats)[label]
-        peaks[label] = 2 * size**3 / statistics.median(times) / 1e9
+        peaks[label] = 2 * size**3 / min(times) / 1e9
     return peaks
 
 
@@ -132,7 +133,7 @@ def copy_bandwidth(megabytes: int = 256, repeats: int = 10) -> float:
     src = torch.empty(megabytes * 2**20 // 4)
     dst = torch.empty_like(src)
     times = time_interleaved({"copy": lambda: dst.copy_(src)}, warmup=2, repeats=repeats)["copy"]
-    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+    return 2 * src.numel() * 4 / min(times) / 1e9
 
 
 def count_flops(fn: Callable[[], object]) -> int:

@@ -23,9 +23,11 @@ def write_markdown(results: dict, path: Path) -> str:
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         f"- commit: {results['commit']}",
         f"- command: `{results['command']}` (preset {results['preset']})",
-        f"- measured matmul peak (1024^3, median): fp32 {results['peak_gflops']['fp32']:.1f} "
+        f"- measured matmul peak (2048^3, best of 8, start and end of the run): fp32 {results['peak_gflops']['fp32']:.1f} "
         f"GFLOP/s, bf16 {results['peak_gflops']['bf16']:.1f} GFLOP/s; copy bandwidth "
         f"{results['copy_gbps']:.1f} GB/s (read + write)",
+        "- GFLOP/s: the model's nominal FLOPs (PyTorch's FLOP counter on timm's model) over the "
+        "median time; 'of peak' divides by the measured matmul peak of that dtype",
         "- ratios: a peer's median time over winattn's, in the same process, the libraries "
         "taking turns call by call (above 1: winattn is faster)",
         "",
