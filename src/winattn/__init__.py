@@ -1,5 +1,6 @@
 """winattn: exact, fast local-window self-attention and the Swin Transformer family."""
 
+from .checkpoints import load_checkpoint
 from .models import SwinConfig, SwinTransformer, create_model, list_models
 from .ops import WindowAttentionOp, window_attention
 from .ops.global_tokens import window_attention_with_globals
@@ -17,6 +18,7 @@ __all__ = [
     "__version__",
     "create_model",
     "list_models",
+    "load_checkpoint",
     "window_attention",
 ]
 __all__ += [

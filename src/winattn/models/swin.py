@@ -283,7 +283,9 @@ class SwinTransformer(nn.Module):
         dims = [config.embed_dim * 2**i for i in range(num_stages)]
         self.num_features = dims[-1]
         self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, config.embed_dim)
-        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        # Stochastic depth grows linearly over the blocks (plain Python: builds on any device).
+        total = sum(config.depths)
+        rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         stages = []
         for i in range(num_stages):
             start = sum(config.depths[:i])
@@ -372,10 +374,11 @@ _register("swin_base_patch4_window7_224", **_B, drop_path_rate=0.5)
 _register("swin_base_patch4_window12_384", **_B, img_size=384, window_size=12, crop_pct=1.0)
 _register("swin_large_patch4_window7_224", **_L)
 _register("swin_large_patch4_window12_384", **_L, img_size=384, window_size=12, crop_pct=1.0)
-# The built-in demo: a small Swin for 32x32 inputs (scikit-learn's digits, upsampled).
+# The built-in demo: a small Swin for scikit-learn's 8x8 digits upsampled to 16x16, where each
+# patch-2 token is one original pixel and the second stage's 4x4 window sees the whole digit.
 _register(
-    "swin_demo_patch2_window4_32",
-    img_size=32,
+    "swin_demo_patch2_window4_16",
+    img_size=16,
     patch_size=2,
     num_classes=10,
     embed_dim=32,

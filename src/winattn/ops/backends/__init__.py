@@ -16,6 +16,7 @@ import torch
 from ..call import AttentionCall
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
+from .triton_window import TritonBackend
 
 logger = logging.getLogger("winattn.ops")
 
@@ -36,6 +37,11 @@ def register_backend(backend: Backend, *, first: bool = True) -> None:
     """Add a backend to the dispatcher (in front by default), replacing one of the same name."""
     BACKENDS[:] = [b for b in BACKENDS if b.name != backend.name]
     BACKENDS.insert(0 if first else len(BACKENDS), backend)
+
+
+# In front, always: where triton is missing or the tensors are not on CUDA it refuses and says
+# why, so a forced backend="triton" explains itself.
+register_backend(TritonBackend(), first=True)
 
 
 def backend_names() -> list[str]:
@@ -65,7 +71,8 @@ def select_backend(call: AttentionCall, backend: str | None = None) -> Backend:
     for candidate in candidates:
         refusals = candidate.supports(call)
         if not refusals:
-            logger.debug("window_attention: backend %s for %s", candidate.name, _describe(call))
+            if not torch.compiler.is_compiling():  # Dynamo cannot trace logging calls
+                logger.debug("window_attention: backend %s for %s", candidate.name, _describe(call))
             return candidate
         reasons[candidate.name] = refusals
     lines = "\n".join(f"  {name}: {'; '.join(why)}" for name, why in reasons.items())

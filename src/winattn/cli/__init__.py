@@ -1,0 +1,1 @@
+"""The ``winattn`` command line."""

@@ -1,0 +1,165 @@
+"""``winattn``: train, eval, predict, info and the one-command demo.
+
+Run ``winattn COMMAND --help`` for each command's options. Multi-process training goes through
+PyTorch's own launcher: ``torchrun --nproc_per_node N -m winattn train ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+from winattn.data.folder import DataError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
+    if not demo:
+        p.add_argument("--model", required=True, help="a registered model name (winattn info)")
+        p.add_argument("--data", default="digits",
+                       help="'digits', a folder with train/ (and val/), or a CSV of path,label")
+        p.add_argument("--val-data", default=None, help="validation folder or CSV")
+        p.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share held out for validation when there is no val set (default 0.2)")
+    p.add_argument("--img-size", type=_positive_int, default=None, help="input resolution")
+    p.add_argument("--epochs", type=_positive_int, default=None if demo else 10)
+    p.add_argument("--batch-size", type=_positive_int, default=None if demo else 64,
+                   help="GLOBAL batch size, split evenly over torchrun processes")
+    p.add_argument("--lr", type=float, default=None if demo else 1e-3, help="peak learning rate")
+    p.add_argument("--min-lr", type=float, default=1e-6)
+    p.add_argument("--warmup-epochs", type=float, default=None if demo else 1.0)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--clip-grad", type=float, default=1.0, help="max grad norm; 0 = off")
+    p.add_argument("--drop-path", type=float, default=None, help="drop-path rate")
+    p.add_argument("--augment", default="auto", choices=["auto", "none", "light", "imagenet"],
+                   help="auto: light for digits, imagenet otherwise")
+    p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha; 0 = off")
+    p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha; 0 = off")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--ema-decay", type=float, default=0.0, help="EMA of weights; 0 = off")
+    p.add_argument("--finetune", default=None,
+                   help="start from this checkpoint (any supported format), new head")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="resume from OUT/last.pt, or from the given checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=_positive_int, default=1 if demo else None,
+                   help="CPU threads per process for torch ops (default: " +
+                   ("1: the demo model's ops are too small to gain from more, and extra threads "
+                    "spin badly on a busy machine)" if demo else "torch's choice)"))
+    p.add_argument("--max-steps-per-epoch", type=_positive_int, default=None)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: on a terminal only)")
+
+
+def _train_config(args: argparse.Namespace, **override):
+    from winattn.train.config import TrainConfig
+
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "func", "threads")}
+    values.update(override)
+    values = {k: v for k, v in values.items() if v is not None or k in ("clip_grad",)}
+    if values.get("clip_grad") == 0:
+        values["clip_grad"] = None
+    return TrainConfig.from_dict(values)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from winattn.train.loop import train
+
+    metrics = train(_train_config(args))
+    if metrics and os.environ.get("RANK", "0") == "0":
+        print(f"final val_top1 {100 * metrics['val_top1']:.2f}%  checkpoint {args.out}/last.pt")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from winattn.cli import commands, demo
+
+    parser = argparse.ArgumentParser(
+        prog="winattn", description="winattn: train, evaluate, predict, inspect models.",
+        epilog="Multi-process: torchrun --nproc_per_node N -m winattn train ...")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model (torchrun-aware)")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="top-1/top-5 and a confusion matrix on a validation set")
+    p.add_argument("checkpoint",
+                   help="a winattn training checkpoint, or any checkpoint with --model")
+    p.add_argument("--model", default=None, help="model name, for checkpoints of other formats")
+    p.add_argument("--data", default=None,
+                   help="'digits', folder or CSV; default: the checkpoint's own validation split")
+    p.add_argument("--val-fraction", type=float, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--out", default=None, help="folder for confusion.png and eval.json")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=commands.cmd_eval)
+
+    p = sub.add_parser("predict", help="top-k classes for image files")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint (ours, or any with --model)")
+    p.add_argument("--model", default=None, help="model name (for non-winattn checkpoints)")
+    p.add_argument("--pretrained", action="store_true", help="the model's published weights")
+    p.add_argument("--topk", type=_positive_int, default=5)
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON lines")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=commands.cmd_predict)
+
+    p = sub.add_parser("info", help="registered models, parameter counts and FLOPs")
+    p.add_argument("pattern", nargs="?", default=None, help="filter, e.g. 'swin_tiny*'")
+    p.add_argument("--img-size", type=_positive_int, default=None,
+                   help="resolution for FLOPs (default: each model's own)")
+    p.add_argument("--flops", action="store_true", help="count FLOPs (one forward pass each)")
+    p.set_defaults(func=commands.cmd_info)
+
+    p = sub.add_parser("demo", help="train the demo model on digits, evaluate, predict: one go")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--model", default=demo.DEMO_MODEL)
+    _add_train_args(p, demo=True)
+    p.set_defaults(func=demo.cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``winattn`` script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"winattn: warning: {msg}\n"
+    from winattn.train.loop import Interrupted
+
+    try:
+        return args.func(args)
+    except Interrupted as err:
+        print(f"winattn: {err}; continue with --resume", file=sys.stderr)
+        return 130
+    except (DataError, ValueError, FileNotFoundError, KeyError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"winattn {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
