@@ -194,7 +194,7 @@ def features_section(settings: dict, memory: bool, results: dict) -> list[dict]:
             raise AssertionError(f"features at {res} disagree with timm: {err}")
         fns = {n: (lambda p=p: p.features(x)) for n, p in peers.items()}
         with torch.no_grad():
-            times = cases.time_interleaved(fns, 1, max(3, settings["repeats"] - 2))
+            times = cases.time_interleaved(fns, settings["warmup"], settings["repeats"])
         summary = cases.summarise(times)
         if memory:
             for name, stats in summary.items():

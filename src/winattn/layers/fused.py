@@ -17,6 +17,28 @@ from torch import nn
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def _register_flops() -> None:
+    """Teach PyTorch's FLOP counter the fused oneDNN linear, so FLOP counts of winattn models
+    (``torch.utils.flop_counter``, ``winattn info --flops``) include their matmuls."""
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None:
+        return
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    if op in flop_registry or op.default in flop_registry:
+        return
+
+    @register_flop_formula(op)
+    def _linear_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
+        tokens = 1
+        for n in x_shape[:-1]:
+            tokens *= n
+        return 2 * tokens * x_shape[-1] * out_shape[-1]
+
+
+_register_flops()
+
+
 def _onednn_ready(x: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"

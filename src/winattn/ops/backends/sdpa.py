@@ -16,6 +16,28 @@ import torch.nn.functional as F
 from ..call import AttentionCall
 
 
+def _register_flops() -> None:
+    """Teach PyTorch's FLOP counter SDPA's fused CPU kernel (it knows only the GPU ones)."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None:
+        return
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    if op in flop_registry or op.default in flop_registry:
+        return
+
+    @register_flop_formula(op)
+    def _sdpa_cpu_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+        *batch, queries, head_dim = q_shape
+        rows = 1
+        for n in batch:
+            rows *= n
+        return 2 * rows * queries * k_shape[-2] * (head_dim + v_shape[-1])
+
+
+_register_flops()
+
+
 def window_mask(call: AttentionCall, dtype: torch.dtype) -> torch.Tensor | None:
     """The additive mask of every window and head: bias + shift regions + padded keys.
 
