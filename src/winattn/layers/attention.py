@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import window_attention
+from ..ops import WindowPlan, window_attention
+from ..ops.backends.sdpa import attend_qkv, combine_mask, expand_to_batch
+from . import fused
 from .position import relative_position_index
 
 
@@ -38,6 +40,9 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        # Eval-time cache of the folded bias + shift mask, batch-expanded, per (plan, dtype,
+        # batch); entries carry the table's identity and version so an update invalidates them.
+        self._mask_cache: dict[tuple, tuple[tuple, torch.Tensor | None]] = {}
 
     def relative_position_bias(self, window_size: tuple[int, int]) -> torch.Tensor:
         """``(heads, N, N)`` bias for ``window_size`` (at most the table's window)."""
@@ -64,6 +69,50 @@ class WindowAttention(nn.Module):
             scale=self.scale,
         )  # (B, H, W, heads, d)
         return self.proj_drop(self.proj(out.reshape(batch, height, width, channels)))
+
+    def window_mask(self, plan: WindowPlan, dtype: torch.dtype) -> torch.Tensor | None:
+        """Bias + shift mask of ``plan`` folded into one ``(nW or 1, heads, N, N)`` tensor."""
+        bias = self.relative_position_bias(plan.window_size)
+        return combine_mask(plan.mask_as(dtype), bias, dtype)
+
+    def _cached_mask(self, plan: WindowPlan, dtype: torch.dtype, rows: int) -> torch.Tensor | None:
+        table = self.relative_position_bias_table
+        stamp = (table.data_ptr(), table._version)
+        key = (plan, dtype, rows)
+        hit = self._mask_cache.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        if any(entry[0] != stamp for entry in self._mask_cache.values()):
+            self._mask_cache.clear()  # the table changed: every entry is stale
+        mask = self.window_mask(plan, dtype)
+        mask = None if mask is None else expand_to_batch(mask, rows)
+        self._mask_cache[key] = (stamp, mask)
+        return mask
+
+    def forward_windows(self, x: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
+        """Attention on tokens already in ``plan``'s window order.
+
+        Args:
+            x: ``(B, L, C)``, ``L = num_windows * N``, window-major (``plan.partition``'s
+                order); ``plan.grid`` is the (padded) map, a multiple of the window.
+
+        Returns:
+            ``(B, L, C)`` in the same order.
+        """
+        batch, length, channels = x.shape
+        windows, tokens = plan.num_windows, plan.window_tokens
+        qkv = fused.linear(x, self.qkv)  # (B, L, 3C)
+        # (3, B*nW, heads, N, d) as strided views: no copy of q, k or v.
+        q, k, v = qkv.view(batch * windows, tokens, 3, self.num_heads, self.head_dim).permute(
+            2, 0, 3, 1, 4
+        ).unbind(0)
+        table = self.relative_position_bias_table
+        if torch.is_grad_enabled() and table.requires_grad:
+            mask = self.window_mask(plan, qkv.dtype)  # rebuilt: the table needs its gradient
+        else:
+            mask = self._cached_mask(plan, qkv.dtype, batch * windows)
+        out = attend_qkv(q, k, v, mask, self.scale)  # (B*nW, N, heads, d)
+        return self.proj_drop(fused.linear(out.view(batch, length, channels), self.proj))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}"

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import DropPath, Mlp, PatchEmbed, PatchMerging, WindowAttention
+from ..layers import DropPath, Mlp, PatchEmbed, PatchMerging, WindowAttention, fused
+from ..ops import WindowPlan, plan_windows
+from ..ops.geometry import padded_token_mask, transition_index
 from .registry import register_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -109,6 +111,32 @@ class SwinBlock(nn.Module):
         x = x + self.drop_path1(self._attention(self.norm1(x)))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
+    def plan(self, height: int, width: int, device: torch.device) -> WindowPlan:
+        """The window plan of this block on an ``height x width`` map, padded to its window."""
+        window, shift = resolve_window(
+            (height, width), self.window_size, self.shift_size, self.window_rule
+        )
+        padded = (height + -height % window[0], width + -width % window[1])
+        return plan_windows(padded, window, shift, device)
+
+    def forward_windows(
+        self, x: torch.Tensor, plan: WindowPlan, padding: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The block on tokens kept in ``plan``'s window order, ``(B, L, C)`` -> same.
+
+        LayerNorm, MLP and the residual adds are per token, so only attention cares about the
+        order. ``padding`` ``(L, 1)`` (True on padded slots) zeroes them after ``norm1``, as the
+        grid path's zero-padding does; what the padded slots hold otherwise is never read.
+        """
+        attn_in = self.norm1(x)
+        if padding is not None:
+            attn_in = attn_in.masked_fill(padding, 0.0)
+        x = x + self.drop_path1(self.attn.forward_windows(attn_in, plan))
+        mlp = self.mlp
+        if mlp.drop1.p or mlp.drop2.p:
+            return x + self.drop_path2(mlp(self.norm2(x)))
+        return x + self.drop_path2(fused.norm_mlp(x, self.norm2, mlp.fc1, mlp.fc2))
+
 
 class SwinStage(nn.Module):
     """Optional 2x2 patch merging (timm's layout: at the start of the stage), then blocks."""
@@ -148,7 +176,33 @@ class SwinStage(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
+        x = self.downsample(x)  # (B, H, W, C)
+        batch, height, width, channels = x.shape
+        plans = [block.plan(height, width, x.device) for block in self.blocks]
+        if not plans or any(p.grid != plans[0].grid for p in plans):
+            return self._forward_grid(x)
+        # Keep the stage's tokens in window order: one gather in, one gather between blocks
+        # whose windows differ (plain <-> shifted), one gather out; no roll, partition or
+        # reverse copies inside the blocks.
+        padded_h, padded_w = plans[0].grid
+        if (padded_h, padded_w) != (height, width):
+            x = F.pad(x, (0, 0, 0, padded_w - width, 0, padded_h - height))
+        tokens = plans[0].partition(x).view(batch, -1, channels)  # (B, L, C) window order
+        for i, (block, plan) in enumerate(zip(self.blocks, plans)):
+            if i > 0 and plan is not plans[i - 1]:
+                tokens = tokens.index_select(1, transition_index(plans[i - 1], plan))
+            padding = padded_token_mask(plan, (height, width))
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(
+                    block.forward_windows, tokens, plan, padding, use_reentrant=False
+                )
+            else:
+                tokens = block.forward_windows(tokens, plan, padding)
+        last = plans[-1]
+        x = last.reverse(tokens.view(batch, last.num_windows, last.window_tokens, channels))
+        return x[:, :height, :width] if last.grid != (height, width) else x
+
+    def _forward_grid(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
             for block in self.blocks:
                 x = checkpoint(block, x, use_reentrant=False)

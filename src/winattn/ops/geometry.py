@@ -249,3 +249,37 @@ def _plan_windows(
         scatter_index=scatter_index.to(device),
         mask=mask,
     )
+
+
+@lru_cache(maxsize=256)
+def transition_index(source: WindowPlan, target: WindowPlan) -> torch.Tensor:
+    """Move tokens from ``source``'s window order to ``target``'s: one gather.
+
+    Both plans must cover the same (already padded) grid, e.g. the plain and the shifted
+    windows of one Swin stage. ``x_target = x_source.index_select(1, idx)`` on ``(B, L, C)``.
+
+    Returns:
+        ``(L,)`` long: for every slot of ``target``, the slot of ``source`` holding that token.
+    """
+    if source.grid != target.grid or source.padded != target.padded:
+        raise ValueError(
+            f"plans over different grids cannot share a token order: {source.grid} "
+            f"(padded {source.padded}) vs {target.grid} (padded {target.padded})"
+        )
+    slot_of = torch.empty_like(source.gather_index)  # (L,) slot of every padded position
+    slot_of[source.gather_index] = torch.arange(
+        source.gather_index.numel(), device=source.gather_index.device
+    )
+    return slot_of[target.gather_index]
+
+
+@lru_cache(maxsize=256)
+def padded_token_mask(plan: WindowPlan, real_grid: tuple[int, ...]) -> torch.Tensor | None:
+    """``(L, 1)`` bool in ``plan``'s window order, True where the token is padding: outside
+    ``real_grid``, the unpadded map that ``plan.grid`` zero-pads. None when nothing is padded."""
+    if tuple(real_grid) == plan.grid:
+        return None
+    outside = torch.ones(plan.grid, dtype=torch.bool)
+    outside[tuple(slice(0, n) for n in real_grid)] = False
+    outside = outside.reshape(-1).to(plan.gather_index.device)[plan.gather_index]  # (L,)
+    return outside.unsqueeze(1)

@@ -1,5 +1,11 @@
-"""The fast path on any device: partition into windows with one cached gather per tensor, then
-batched attention (PyTorch's fused SDPA, or explicit batched matmuls where those are faster).
+"""The fast path on any device: windows gathered with one cached index map, attention by
+PyTorch's fused SDPA kernel, and in training a custom autograd Function that recomputes the
+attention matrix in backward instead of storing it.
+
+Two entry points share the kernel choice: :class:`SdpaBackend` serves the grid-layout operator
+(gather q, k, v into windows, attend, scatter back), and :func:`attend_qkv` serves callers that
+already hold their tokens in window order (the Swin stages), straight from the fused qkv
+projection without copying q, k and v apart.
 """
 
 from __future__ import annotations
@@ -10,18 +16,149 @@ import torch.nn.functional as F
 from ..call import AttentionCall
 
 
+def _register_flops() -> None:
+    """Teach PyTorch's FLOP counter SDPA's fused CPU kernel (it knows only the GPU ones)."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None:
+        return
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    if op in flop_registry or op.default in flop_registry:
+        return
+
+    @register_flop_formula(op)
+    def _sdpa_cpu_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+        *batch, queries, head_dim = q_shape
+        rows = 1
+        for n in batch:
+            rows *= n
+        return 2 * rows * queries * k_shape[-2] * (head_dim + v_shape[-1])
+
+
+_register_flops()
+
+
 def window_mask(call: AttentionCall, dtype: torch.dtype) -> torch.Tensor | None:
     """The additive mask of every window and head: bias + shift regions + padded keys.
 
     Returns ``(num_windows, heads, N, N)``, ``(1, heads, N, N)`` or None.
     """
-    plan_mask = call.plan.mask_as(dtype)  # (nW, N, N) or None
-    bias = None if call.bias is None else call.bias.to(dtype)  # (heads, N, N)
+    return combine_mask(call.plan.mask_as(dtype), call.bias, dtype)
+
+
+def combine_mask(
+    plan_mask: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """``plan_mask`` ``(nW, N, N)`` + ``bias`` ``(heads, N, N)`` -> ``(nW or 1, heads, N, N)``."""
+    bias = None if bias is None else bias.to(dtype)
     if plan_mask is None:
         return None if bias is None else bias.unsqueeze(0)
+    plan_mask = plan_mask.to(dtype)
     if bias is None:
         return plan_mask.unsqueeze(1)
     return plan_mask.unsqueeze(1) + bias.unsqueeze(0)
+
+
+def expand_to_batch(mask: torch.Tensor, rows: int) -> torch.Tensor:
+    """``(nW, heads, N, M)`` -> ``(rows, heads, N, M)`` contiguous, ``rows = batch * nW``, since
+    SDPA's fused CPU kernel broadcasts size-1 dims only. A mask with 1 or ``rows`` leading
+    entries is returned as it is."""
+    num_windows, heads, tokens, keys = mask.shape
+    if num_windows in (1, rows):
+        return mask
+    expanded = mask.unsqueeze(0).expand(rows // num_windows, num_windows, heads, tokens, keys)
+    return expanded.reshape(rows, heads, tokens, keys)
+
+
+def _fused_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """SDPA on ``(B*nW, heads, N, d)`` views; returns ``(B*nW, N, heads, d)`` contiguous.
+
+    The CPU kernel writes its output token-major, so the transpose back is free there.
+    """
+    if mask is not None and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).contiguous()  # (B*nW, N, heads, d)
+
+
+class _WindowAttentionFunction(torch.autograd.Function):
+    """Attention inside windows that stores q, k, v (views of their producer) and the output,
+    never the ``(B*nW, heads, N, N)`` attention matrix: backward recomputes it.
+
+    The mask is taken compact, ``(nW or 1, heads, N, N)``, and its gradient is summed over the
+    batch here, so neither the batch-expanded mask nor its gradient is kept between passes.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale: float):  # type: ignore[override]
+        expanded = None if mask is None else expand_to_batch(mask, q.shape[0])
+        # Detached, so SDPA takes its fused kernel (it refuses a mask that wants a gradient).
+        detached = None if expanded is None else expanded.detach()
+        with torch.no_grad():
+            out = _fused_attention(q.detach(), k.detach(), v.detach(), detached, scale)
+        ctx.save_for_backward(q, k, v, mask, out)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        q, k, v, mask, out = ctx.saved_tensors
+        scale = ctx.scale
+        dtype = q.dtype
+        # Matmuls in the inputs' dtype (bf16 ones as autocast's backward would run them),
+        # softmax and its gradient in at least float32; (B*nW, heads, N, *) layouts.
+        work = torch.promote_types(dtype, torch.float32)
+        grad_out = grad_out.to(dtype).transpose(1, 2)  # (B*nW, heads, N, d)
+        out = out.transpose(1, 2)
+        logits = torch.matmul(q, k.transpose(-1, -2)).to(work).mul_(scale)  # (B*nW, heads, N, M)
+        if mask is not None:
+            windows = mask.shape[0]
+            logits.view(-1, windows, *logits.shape[1:]).add_(mask.to(work))
+        probs = torch.softmax(logits, dim=-1)
+        del logits
+        grad_probs = torch.matmul(grad_out, v.transpose(-1, -2)).to(work)  # (B*nW, heads, N, M)
+        row_dot = (grad_out.to(work) * out.to(work)).sum(dim=-1, keepdim=True)  # (.., N, 1)
+        grad_logits = grad_probs.sub_(row_dot).mul_(probs)  # dS = P * (dP - rowsum(dO*O))
+        grad_v = torch.matmul(probs.to(dtype).transpose(-1, -2), grad_out)
+        del probs
+        grad_mask = None
+        if mask is not None and ctx.needs_input_grad[3]:
+            windows = mask.shape[0]
+            grad_mask = grad_logits.view(-1, windows, *grad_logits.shape[1:]).sum(0)
+            grad_mask = grad_mask.to(mask.dtype)
+        grad_logits = grad_logits.mul_(scale).to(dtype)
+        grad_q = torch.matmul(grad_logits, k)
+        grad_k = torch.matmul(grad_logits.transpose(-1, -2), q)
+        return grad_q, grad_k, grad_v, grad_mask, None
+
+
+def attend_qkv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Attention inside windows, as the Swin stages call it.
+
+    Args:
+        q: ``(batch * nW, heads, N, head_dim)``; k, v: ``(batch * nW, heads, M, head_dim)``;
+            any strides with a unit last stride (views into the fused qkv projection are fine).
+        mask: additive ``(nW, heads, N, M)``, ``(1, heads, N, M)`` or already expanded to
+            ``(batch * nW, heads, N, M)`` (bias and shift mask folded together), or None;
+            windows are the inner part of q's leading axis.
+        scale: multiplies q.k.
+
+    Returns:
+        ``(batch * nW, N, heads, head_dim)`` contiguous, ready for the output projection.
+    """
+    tensors = (q, k, v) if mask is None else (q, k, v, mask)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _WindowAttentionFunction.apply(q, k, v, mask, scale)
+    expanded = None if mask is None else expand_to_batch(mask, q.shape[0])
+    return _fused_attention(q, k, v, expanded, scale)
 
 
 def attend_windows(
@@ -45,39 +182,25 @@ def attend_windows(
     """
     batch, num_windows, heads, tokens, head_dim = q.shape
     keys = k.shape[-2]
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        # On this CPU class, low-precision SDPA loses to explicit matmuls; softmax in float32
-        # as the peers do under autocast.
-        logits = torch.matmul(q * scale, k.transpose(-1, -2))  # (B, nW, heads, N, N)
-        logits = logits.float()
-        if mask is not None:
-            logits = logits + mask.float()
-        return torch.matmul(logits.softmax(dim=-1).to(q.dtype), v)
-    if mask is None or mask.shape[0] == 1:
-        # One mask for every window: fold windows into the batch.
-        q_shape = (batch * num_windows, heads, tokens, head_dim)
-        kv_shape = (batch * num_windows, heads, keys, head_dim)
-        attn_mask = None if mask is None else mask[:1].to(q.dtype)  # (1, heads, N, M)
-    else:
-        # Per-window masks broadcast over the batch when windows join the head axis.
+    if mask is not None and mask.dim() == 4 and mask.shape[0] != 1:
+        # Per-window masks: windows join the head axis, so one mask broadcasts over the batch
+        # without a batch-expanded copy.
         q_shape = (batch, num_windows * heads, tokens, head_dim)
         kv_shape = (batch, num_windows * heads, keys, head_dim)
-        attn_mask = mask.to(q.dtype).expand(num_windows, heads, tokens, keys)
-        # 4-D: PyTorch's fused CPU kernel takes only 2-D or 4-D masks (a 3-D one falls back to
-        # the unfused math path, several times slower).
-        attn_mask = attn_mask.reshape(1, num_windows * heads, tokens, keys)
-    out = F.scaled_dot_product_attention(
-        q.reshape(q_shape),
-        k.reshape(kv_shape),
-        v.reshape(kv_shape),
-        attn_mask=attn_mask,
-        scale=scale,
-    )
-    return out.view(batch, num_windows, heads, tokens, head_dim)
+        mask = mask.expand(num_windows, heads, tokens, keys).reshape(1, -1, tokens, keys)
+        out = attend_qkv(q.reshape(q_shape), k.reshape(kv_shape), v.reshape(kv_shape), mask, scale)
+        out = out.view(batch, tokens, num_windows, heads, head_dim)
+        return out.permute(0, 2, 3, 1, 4)  # (B, nW, heads, N, d)
+    q_shape = (batch * num_windows, heads, tokens, head_dim)
+    kv_shape = (batch * num_windows, heads, keys, head_dim)
+    if mask is not None:
+        mask = mask.expand(1, heads, tokens, keys)
+    out = attend_qkv(q.reshape(q_shape), k.reshape(kv_shape), v.reshape(kv_shape), mask, scale)
+    return out.view(batch, num_windows, tokens, heads, head_dim).transpose(2, 3)
 
 
 class SdpaBackend:
-    """Gather into windows, attend with SDPA / batched matmul, scatter back."""
+    """Gather into windows, attend with SDPA (recomputing in backward), scatter back."""
 
     name = "sdpa"
 
@@ -90,18 +213,18 @@ class SdpaBackend:
         plan = call.plan
         batch, heads, head_dim = call.batch, call.heads, call.head_dim
         channels = heads * head_dim
+        shape4 = (batch * plan.num_windows, plan.window_tokens, heads, head_dim)
 
         def to_windows(t: torch.Tensor) -> torch.Tensor:
             t = plan.partition(t.reshape(batch, *plan.grid, channels))  # (B, nW, N, heads*d)
-            t = t.view(batch, plan.num_windows, plan.window_tokens, heads, head_dim)
-            return t.transpose(2, 3)  # (B, nW, heads, N, d)
+            return t.view(shape4).transpose(1, 2)  # (B*nW, heads, N, d)
 
-        out = attend_windows(
+        out = attend_qkv(
             to_windows(call.q),
             to_windows(call.k),
             to_windows(call.v),
             window_mask(call, call.q.dtype),
             call.scale,
-        )  # (B, nW, heads, N, d)
-        out = out.transpose(2, 3).reshape(batch, plan.num_windows, plan.window_tokens, channels)
+        )  # (B*nW, N, heads, d)
+        out = out.view(batch, plan.num_windows, plan.window_tokens, channels)
         return plan.reverse(out).view(call.q.shape)  # (B, *grid, heads, d)

@@ -1,0 +1,317 @@
+"""``winattn bench``: winattn against timm, torchvision and transformers in one process.
+
+Every section builds the peers on the same weights, checks that their outputs agree, warms up,
+then times them taking turns and reports medians and the ratio of each peer's median to
+winattn's (above 1: winattn is faster). Results go to ``results.json``, ``results.md`` and
+``scaling.png`` in ``--out``, with the machine, library versions and git commit.
+
+Example:
+    PYTHONPATH=src python -m winattn.cli.bench --out bench-results   # the default set
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import bench_cases as cases
+from .bench_report import write_markdown, write_plot
+
+PRESETS = {
+    "default": dict(
+        models=["swin_tiny_patch4_window7_224"], batches=[1, 8], dtypes=["fp32", "bf16"],
+        train_dtypes=["fp32", "bf16"], resolutions=[224, 512, 1024], repeats=5, warmup=1,
+        train_repeats=3,
+    ),
+    "full": dict(
+        models=list(cases.VARIANTS), batches=[1, 8], dtypes=["fp32", "bf16"],
+        train_dtypes=["fp32", "bf16"], resolutions=[224, 448, 512, 768, 1024], repeats=7,
+        warmup=1, train_repeats=3,
+    ),
+}
+SECTIONS = ("inference", "training", "features", "operator")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``bench`` on the ``winattn`` command line."""
+    parser = subparsers.add_parser(
+        "bench", help="benchmark winattn against timm, torchvision and transformers",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="default: Swin-T, a few minutes; full: Swin-T/S/B and more sizes")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--peers", nargs="+", default=["timm", "torchvision", "transformers"],
+                        choices=["timm", "torchvision", "transformers"])
+    parser.add_argument("--repeats", type=int, help="timed calls per case (preset's otherwise)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the RSS subprocesses")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the selected sections, write the results, print the Markdown table."""
+    settings = dict(PRESETS[args.preset])
+    if args.repeats:
+        settings["repeats"] = args.repeats
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    started = time.time()
+    results: dict = {
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "preset": args.preset,
+        "machine": cases.machine_info(),
+        "versions": cases.versions(),
+        "commit": cases.git_commit(),
+        "settings": settings,
+        "notes": [],
+    }
+    print("measuring the machine's matmul peak and copy bandwidth ...", flush=True)
+    results["peak_gflops"] = cases.matmul_peak()
+    results["copy_gbps"] = cases.copy_bandwidth()
+    if "inference" in args.sections:
+        results["inference"] = inference_section(settings, args.peers, results)
+    if "training" in args.sections:
+        results["training"] = training_section(settings, args.peers, not args.no_memory, results)
+    if "features" in args.sections:
+        results["features"] = features_section(settings, not args.no_memory, results)
+    if "operator" in args.sections:
+        results["operator"] = operator_section(settings, results)
+    # The peak again at the end: the higher of the two is the ceiling (load only lowers it).
+    again = cases.matmul_peak()
+    results["peak_gflops_start"] = dict(results["peak_gflops"])
+    results["peak_gflops"] = {k: max(v, again[k]) for k, v in results["peak_gflops"].items()}
+    for row in results.get("inference", []):
+        for stats in row["peers"].values():
+            stats["utilisation"] = stats["gflops"] / results["peak_gflops"][row["dtype"]]
+    results["machine"]["load_average_end"] = os.getloadavg()
+    results["wall_seconds"] = time.time() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    markdown = write_markdown(results, args.out / "results.md")
+    if results.get("features"):
+        write_plot(results, args.out / "scaling.png")
+    print(markdown)
+    return 0
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def inference_section(settings: dict, peer_names: list[str], results: dict) -> list[dict]:
+    rows = []
+    for variant in settings["models"]:
+        peers, notes = cases.build_peers(variant, peer_names)
+        results["notes"] += [f"{variant}: {name} {why}" for name, why in notes.items()]
+        for batch in settings["batches"]:
+            x = torch.randn(batch, 3, 224, 224)
+            # Counted on timm's model: plain aten ops that the counter knows (winattn's fused
+            # oneDNN calls are invisible to it); the nominal work is the same for every peer.
+            flops = cases.count_flops(lambda: peers["timm"].model(x))
+            for dtype in settings["dtypes"]:
+                _log(f"inference {variant} batch {batch} {dtype}")
+                parity = cases.check_parity(variant, peers, x, dtype)
+                fns = {name: (lambda p=p: p.logits(x)) for name, p in peers.items()}
+                with torch.no_grad(), cases.autocast_context(dtype):
+                    times = cases.time_interleaved(fns, settings["warmup"], settings["repeats"])
+                summary = cases.summarise(times)
+                for stats in summary.values():
+                    stats["gflops"] = flops / (stats["median_ms"] / 1e3) / 1e9
+                    stats["utilisation"] = stats["gflops"] / results["peak_gflops"][dtype]
+                rows.append(dict(model=variant, batch=batch, dtype=dtype, flops=flops,
+                                 parity=parity, peers=summary))
+        del peers
+    return rows
+
+
+def training_section(settings: dict, peer_names: list[str], memory: bool, results: dict) -> list[dict]:
+    """One step (forward, backward, AdamW) at batch 8, drop path off so that the peers run the
+    same function; activation memory from autograd's saved tensors, peak RSS per fresh process."""
+    rows = []
+    variant = settings["models"][0]
+    batch = 8
+    x = torch.randn(batch, 3, 224, 224)
+    target = torch.randint(0, 1000, (batch,))
+    for dtype in settings["train_dtypes"]:
+        peers, _ = cases.build_peers(variant, [p for p in peer_names if p == "timm"])
+        _log(f"training {variant} batch {batch} {dtype}")
+        for peer in peers.values():
+            peer.model.train()
+        with torch.no_grad():  # drop path is off: train mode computes the eval function
+            ref = peers["timm"].logits(x)
+            err = (peers["winattn"].logits(x) - ref).abs().max().item()
+        if err > 1e-4:
+            raise AssertionError(f"winattn and timm disagree in train mode: {err}")
+        activations = {n: cases.saved_activation_bytes(p, x, dtype) / 2**20 for n, p in peers.items()}
+        fns = {n: cases.train_step_fn(p, x, target, dtype) for n, p in peers.items()}
+        times = cases.time_interleaved(fns, settings["warmup"], settings["train_repeats"])
+        summary = cases.summarise(times)
+        for name, stats in summary.items():
+            stats["activation_mib"] = activations[name]
+            if memory:
+                _log(f"  peak RSS of a training process: {name}")
+                stats["memory"] = cases.measure_memory(dict(
+                    variant=variant, peer=name, mode="train", batch=batch, dtype=dtype, steps=2))
+        rows.append(dict(model=variant, batch=batch, dtype=dtype, max_abs_diff=err, peers=summary))
+        del peers, fns
+    return rows
+
+
+def features_section(settings: dict, memory: bool, results: dict) -> list[dict]:
+    """forward_features at growing resolution, batch 1, float32: time and memory vs pixels.
+
+    Where the feature maps are not multiples of the window (512, 1024), timm pads after the
+    cyclic shift while winattn (like torchvision and Hugging Face) pads before it, so the two
+    compute different functions there; the agreement is then recorded, not required.
+    """
+    rows = []
+    variant = settings["models"][0]
+    for res in settings["resolutions"]:
+        _log(f"features {variant} {res}x{res}")
+        peers, _ = cases.build_peers(variant, ["timm"], img_size=res)
+        x = torch.randn(1, 3, res, res)
+        with torch.no_grad():
+            ours = peers["winattn"].features(x)
+            theirs = peers["timm"].features(x)
+            err = (ours - theirs).abs().max().item()
+        comparable = all((res // 4 // 2**i) % 7 == 0 for i in range(4))
+        if comparable and err > 1e-4:
+            raise AssertionError(f"features at {res} disagree with timm: {err}")
+        fns = {n: (lambda p=p: p.features(x)) for n, p in peers.items()}
+        with torch.no_grad():
+            times = cases.time_interleaved(fns, settings["warmup"], settings["repeats"])
+        summary = cases.summarise(times)
+        if memory:
+            for name, stats in summary.items():
+                stats["memory"] = cases.measure_memory(dict(
+                    variant=variant, peer=name, mode="features", batch=1, dtype="fp32",
+                    img_size=res, resolution=res))
+        rows.append(dict(model=variant, resolution=res, pixels=res * res, max_abs_diff=err,
+                         same_function=comparable, peers=summary))
+        del peers
+    return rows
+
+
+# --------------------------------------------------------------------------- operator
+def _peer_window_path(qkv: torch.Tensor, bias: torch.Tensor, window: int, shift: int) -> torch.Tensor:
+    """The peers' attention path on a fused ``(B, H, W, 3, heads, d)`` qkv: roll, partition,
+    matmul, softmax, reverse, roll back (timm's code, mask built as timm builds it)."""
+    batch, height, width, _, heads, head_dim = qkv.shape
+    tokens = window * window
+    x = torch.roll(qkv, shifts=(-shift, -shift), dims=(1, 2))
+    x = x.view(batch, height // window, window, width // window, window, 3, heads, head_dim)
+    x = x.permute(0, 1, 3, 2, 4, 5, 6, 7).reshape(-1, tokens, 3, heads, head_dim)
+    q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, heads, N, d)
+    attn = (q * head_dim**-0.5) @ k.transpose(-2, -1)
+    attn = attn + bias.unsqueeze(0)
+    mask = _timm_shift_mask(height, width, window, shift, attn.dtype)  # (nW, N, N)
+    num_windows = mask.shape[0]
+    attn = attn.view(-1, num_windows, heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)
+    attn = attn.view(-1, heads, tokens, tokens).softmax(dim=-1)
+    out = (attn @ v).transpose(1, 2).reshape(-1, window, window, heads * head_dim)
+    out = out.view(batch, height // window, width // window, window, window, -1)
+    out = out.permute(0, 1, 3, 2, 4, 5).reshape(batch, height, width, heads, head_dim)
+    return torch.roll(out, shifts=(shift, shift), dims=(1, 2))
+
+
+_MASKS: dict = {}
+
+
+def _timm_shift_mask(height: int, width: int, window: int, shift: int, dtype: torch.dtype) -> torch.Tensor:
+    key = (height, width, window, shift, dtype)
+    if key not in _MASKS:
+        img = torch.zeros(1, height, width, 1)
+        cnt = 0
+        for h in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+            for w in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+                img[:, h, w, :] = cnt
+                cnt += 1
+        win = img.view(1, height // window, window, width // window, window, 1)
+        win = win.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window)
+        diff = win.unsqueeze(1) - win.unsqueeze(2)
+        _MASKS[key] = diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0).to(dtype)
+    return _MASKS[key]
+
+
+def _dense_mask(height: int, width: int, window: int, shift: int, bias: torch.Tensor) -> torch.Tensor:
+    """``(heads, L, L)`` additive mask for SDPA over the whole grid: -inf outside the window,
+    -100 across shift regions, the bias inside."""
+    from ..ops.backends.reference import token_geometry
+
+    window_id, inner, region = token_geometry((height, width), (window, window), (shift, shift))
+    mask = bias[:, inner[:, None], inner[None, :]].clone()  # (heads, L, L)
+    mask += (region[:, None] != region[None, :]).to(mask.dtype) * -100.0
+    return mask.masked_fill(window_id[:, None] != window_id[None, :], float("-inf"))
+
+
+def operator_section(settings: dict, results: dict) -> list[dict]:
+    """The attention alone at Swin-T's stage-1 and stage-3 shapes (shifted windows, bias)."""
+    from ..ops import plan_windows, window_attention
+    from ..ops.backends.sdpa import attend_qkv, combine_mask
+
+    rows = []
+    batch, window, shift, head_dim = 8, 7, 3, 32
+    for stage, side, heads in (("stage 1", 56, 3), ("stage 3", 14, 12)):
+        for dtype_name in settings["dtypes"]:
+            dtype = torch.float32 if dtype_name == "fp32" else torch.bfloat16
+            _log(f"operator {stage} {dtype_name}")
+            qkv = torch.randn(batch, side, side, 3, heads, head_dim).to(dtype)
+            q, k, v = qkv.unbind(3)
+            bias = (torch.randn(heads, window**2, window**2) * 0.5).to(dtype)
+            plan = plan_windows((side, side), (window, window), (shift, shift))
+            in_windows = plan.partition(qkv.view(batch, side, side, -1))  # stage-internal layout
+            q_w, k_w, v_w = in_windows.view(-1, window**2, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            folded = combine_mask(plan.mask_as(dtype), bias, dtype)
+            dense = _dense_mask(side, side, window, shift, bias.float()).to(dtype).unsqueeze(0)
+            qd, kd, vd = (t.reshape(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+            fns = {
+                "winattn": lambda: window_attention(q, k, v, window, shift_size=shift, bias=bias),
+                "winattn window-order": lambda: attend_qkv(q_w, k_w, v_w, folded, head_dim**-0.5),
+                "roll/partition/matmul": lambda: _peer_window_path(qkv, bias, window, shift),
+                "SDPA dense mask": lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dense),
+            }
+            with torch.no_grad():
+                ref = fns["roll/partition/matmul"]().float()
+                got = fns["winattn"]().float()
+                dense_out = fns["SDPA dense mask"]().transpose(1, 2).reshape(ref.shape).float()
+                tol = 1e-4 if dtype == torch.float32 else 5e-2
+                for name, out in (("winattn", got), ("SDPA dense mask", dense_out)):
+                    err = (out - ref).abs().max().item()
+                    if err > tol:
+                        raise AssertionError(f"operator {stage} {dtype_name}: {name} off by {err}")
+                times = cases.time_interleaved(fns, settings["warmup"], settings["repeats"])
+            summary = cases.summarise(times)
+            flops = 4 * batch * side * side * window**2 * heads * head_dim
+            dense_flops = 4 * batch * (side * side) ** 2 * heads * head_dim
+            for name, stats in summary.items():
+                work = dense_flops if name == "SDPA dense mask" else flops
+                stats["gflops"] = work / (stats["median_ms"] / 1e3) / 1e9
+            rows.append(dict(stage=stage, dtype=dtype_name, shape=[batch, side, side, heads, head_dim],
+                             window=window, shift=shift, flops=flops, peers=summary))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="winattn bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

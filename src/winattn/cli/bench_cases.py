@@ -1,0 +1,351 @@
+"""What ``winattn bench`` measures: peers built on the same weights, interleaved timing, memory
+in fresh subprocesses, and the machine's own matmul peak and copy bandwidth.
+
+The peers (timm, torchvision, transformers) are benchmark extras, imported here only.
+Run as a module (``python -m winattn.cli.bench_cases --worker JSON``) it is the memory worker:
+one configuration in a fresh process, printing its peak RSS as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import winattn
+
+#: winattn/timm name -> (torchvision constructor, Hugging Face SwinConfig arguments)
+VARIANTS = {
+    "swin_tiny_patch4_window7_224": ("swin_t", dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24])),
+    "swin_small_patch4_window7_224": ("swin_s", dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24])),
+    "swin_base_patch4_window7_224": ("swin_b", dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32])),
+}
+SHORT = {"swin_tiny_patch4_window7_224": "Swin-T", "swin_small_patch4_window7_224": "Swin-S",
+         "swin_base_patch4_window7_224": "Swin-B"}
+
+
+# --------------------------------------------------------------------------- timing helpers
+def autocast_context(dtype: str) -> contextlib.AbstractContextManager:
+    if dtype == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], warmup: int, repeats: int
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, the functions taking turns so that a change in the
+    machine's load hits them all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summarise(times: dict[str, list[float]], ours: str = "winattn") -> dict[str, dict]:
+    """Median ms, spread, and each peer's median over ours (>1: winattn is faster)."""
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    return {
+        name: {
+            "median_ms": medians[name] * 1e3,
+            "min_ms": min(ts) * 1e3,
+            "max_ms": max(ts) * 1e3,
+            "repeats": len(ts),
+            "speedup_of_winattn": medians[name] / medians[ours],
+        }
+        for name, ts in times.items()
+    }
+
+
+# --------------------------------------------------------------------------- machine
+def machine_info() -> dict:
+    model = "unknown"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+        flags = next((ln for ln in out.splitlines() if ln.startswith("Flags:")), "")
+        isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f" {f}" in flags]
+    except (OSError, subprocess.CalledProcessError):
+        isa = []
+    return {
+        "cpu_model": model,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "isa": isa,
+        "load_average": os.getloadavg(),
+    }
+
+
+def versions() -> dict:
+    found = {"python": sys.version.split()[0], "torch": torch.__version__, "winattn": winattn.__version__}
+    for name in ("timm", "torchvision", "transformers"):
+        try:
+            found[name] = __import__(name).__version__
+        except ImportError:
+            found[name] = None
+    return found
+
+
+def git_commit() -> str | None:
+    root = Path(winattn.__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sha + ("-dirty" if dirty else "")
+
+
+def matmul_peak(size: int = 2048, repeats: int = 8) -> dict[str, float]:
+    """GFLOP/s of one square matmul, fp32 and bf16: the roofline's compute ceiling as this
+    machine delivers it through PyTorch. The best of ``repeats``, since other load on the
+    machine can only slow a call down."""
+    peaks = {}
+    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        times = time_interleaved({label: lambda: a @ b}, warmup=2, repeats=repeats)[label]
+        peaks[label] = 2 * size**3 / min(times) / 1e9
+    return peaks
+
+
+def copy_bandwidth(megabytes: int = 256, repeats: int = 10) -> float:
+    """GB/s of a large tensor copy (bytes read + bytes written)."""
+    src = torch.empty(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    times = time_interleaved({"copy": lambda: dst.copy_(src)}, warmup=2, repeats=repeats)["copy"]
+    return 2 * src.numel() * 4 / min(times) / 1e9
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# --------------------------------------------------------------------------- peers
+def _without_buffers(state: dict) -> dict:
+    return {k: v for k, v in state.items() if "relative_position_index" not in k and "attn_mask" not in k}
+
+
+@dataclass
+class Peer:
+    """One library's model with a logits function and a features function (NHWC or tokens)."""
+
+    name: str
+    model: torch.nn.Module
+    logits: Callable[[torch.Tensor], torch.Tensor]
+    features: Callable[[torch.Tensor], torch.Tensor]
+
+
+def build_peers(variant: str, peers: list[str], img_size: int = 224, drop_path: float = 0.0) -> tuple[dict[str, Peer], dict]:
+    """winattn plus the requested peers, winattn loaded with timm's random-init weights.
+
+    torchvision and transformers models get their own random weights; their parity is checked
+    against a winattn model converted from their state dict with ``winattn.load_checkpoint``
+    (weights do not change the speed). Returns the peers and notes on any peer left out.
+    """
+    import timm
+
+    notes: dict[str, str] = {}
+    timm_model = timm.create_model(variant, img_size=img_size, drop_path_rate=drop_path)
+    ours = winattn.create_model(variant, drop_path_rate=drop_path)
+    ours.load_state_dict(_without_buffers(timm_model.state_dict()))
+    built = {
+        "winattn": Peer("winattn", ours, ours, ours.forward_features),
+        "timm": Peer("timm", timm_model, timm_model, timm_model.forward_features),
+    }
+    tv_name, hf_args = VARIANTS[variant]
+    if getattr(winattn, "load_checkpoint", None) is None:
+        for name in ("torchvision", "transformers"):
+            if name in peers:
+                notes[name] = "left out: this winattn has no load_checkpoint to check parity with"
+        peers = [p for p in peers if p not in ("torchvision", "transformers")]
+    if "torchvision" in peers:
+        try:
+            import torchvision
+
+            tv = getattr(torchvision.models, tv_name)(weights=None)
+            built["torchvision"] = Peer("torchvision", tv, tv, lambda x, m=tv: m.norm(m.features(x)))
+        except ImportError as err:
+            notes["torchvision"] = f"not installed ({err})"
+    if "transformers" in peers:
+        try:
+            import transformers
+
+            config = transformers.SwinConfig(image_size=img_size, window_size=7, num_labels=1000, **hf_args)
+            hf = transformers.SwinForImageClassification(config)
+            built["transformers"] = Peer(
+                "transformers", hf, lambda x, m=hf: m(pixel_values=x).logits,
+                lambda x, m=hf: m.swin(pixel_values=x).last_hidden_state,
+            )
+        except ImportError as err:
+            notes["transformers"] = f"not installed ({err})"
+    for peer in built.values():
+        peer.model.eval()
+    return built, notes
+
+
+def converted_twin(variant: str, peer: Peer) -> torch.nn.Module | None:
+    """A winattn model holding ``peer``'s weights (via ``winattn.load_checkpoint``), or None
+    when this winattn has no checkpoint conversion yet."""
+    if peer.name in ("winattn", "timm"):
+        return None
+    load = getattr(winattn, "load_checkpoint", None)
+    if load is None:
+        return None
+    twin = winattn.create_model(variant, drop_path_rate=0.0)
+    load(twin, peer.model.state_dict())
+    return twin.eval()
+
+
+def check_parity(variant: str, peers: dict[str, Peer], x: torch.Tensor, dtype: str) -> dict[str, dict]:
+    """Outputs of every pair agree before anything is timed.
+
+    float32: max |winattn - peer| <= 1e-4 on logits. bf16 autocast (STYLE's rule with float32
+    standing in for float64): winattn's error against its float32 output is at most 2x the
+    peer's error against the peer's own float32 output, plus 1e-3.
+    """
+    report = {}
+    with torch.no_grad():
+        for name, peer in peers.items():
+            if name == "winattn":
+                continue
+            ours = peers["winattn"].model if name == "timm" else converted_twin(variant, peer)
+            if ours is None:
+                report[name] = {"checked": False, "why": "winattn.load_checkpoint not available"}
+                continue
+            ref_peer = peer.logits(x).float()
+            ref_ours = ours(x).float()
+            if dtype == "fp32":
+                err = (ref_ours - ref_peer).abs().max().item()
+                ok = err <= 1e-4
+                report[name] = {"checked": True, "max_abs_diff": err, "tolerance": 1e-4, "ok": ok}
+            else:
+                with autocast_context(dtype):
+                    low_peer = peer.logits(x).float()
+                    low_ours = ours(x).float()
+                err_ours = (low_ours - ref_ours).abs().max().item()
+                err_peer = (low_peer - ref_peer).abs().max().item()
+                bound = 2 * err_peer + 1e-3
+                report[name] = {"checked": True, "winattn_error": err_ours, "peer_error": err_peer,
+                                "bound": bound, "ok": err_ours <= bound}
+            if not report[name]["ok"]:
+                raise AssertionError(f"outputs of winattn and {name} disagree ({dtype}): {report[name]}")
+    return report
+
+
+# --------------------------------------------------------------------------- training step
+def train_step_fn(peer: Peer, x: torch.Tensor, target: torch.Tensor, dtype: str) -> Callable[[], None]:
+    model = peer.model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step() -> None:
+        with autocast_context(dtype):
+            loss = F.cross_entropy(peer.logits(x).float(), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def saved_activation_bytes(peer: Peer, x: torch.Tensor, dtype: str) -> int:
+    """Bytes autograd keeps for backward after one forward (distinct storages, parameters
+    excluded): the activation memory of a training step."""
+    params = {p.untyped_storage().data_ptr() for p in peer.model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    peer.model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_context(dtype):
+        out = peer.logits(x)
+    del out
+    return sum(storages.values())
+
+
+# --------------------------------------------------------------------------- memory worker
+def run_worker(spec: dict) -> dict:
+    """In a fresh process: build one peer, run the configuration, report RSS (MiB)."""
+    torch.manual_seed(0)
+    peers, _ = build_peers(spec["variant"], [spec["peer"]], img_size=spec.get("img_size", 224))
+    peer = peers[spec["peer"]]
+    for name in list(peers):
+        if name != spec["peer"]:
+            del peers[name]
+    res = spec.get("resolution", 224)
+    x = torch.randn(spec["batch"], 3, res, res)
+    if spec["mode"] == "train":
+        step = train_step_fn(peer, x, torch.randint(0, 1000, (spec["batch"],)), spec["dtype"])
+        base = _rss_mib()
+        for _ in range(spec.get("steps", 2)):
+            step()
+    else:
+        base = _rss_mib()
+        with torch.no_grad(), autocast_context(spec["dtype"]):
+            for _ in range(spec.get("steps", 1)):
+                peer.features(x)
+    peak = _peak_rss_mib()
+    return {"baseline_rss_mib": base, "peak_rss_mib": peak, "peak_over_baseline_mib": peak - base}
+
+
+def _peak_rss_mib() -> float:
+    """VmHWM: the peak RSS of this process image. (``ru_maxrss`` would not do: Linux carries
+    it across ``execve`` from the forking parent, so a child of a large parent inherits its
+    peak.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure_memory(spec: dict) -> dict:
+    """Run :func:`run_worker` in a fresh interpreter. Large blocks go through mmap
+    (``MALLOC_MMAP_THRESHOLD_=65536``) so that freed memory leaves the RSS at once and the
+    peak is the peak of live memory."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    src = str(Path(winattn.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "winattn.cli.bench_cases", "--worker", json.dumps(spec)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--worker", required=True, help="JSON spec of one memory measurement")
+    print(json.dumps(run_worker(json.loads(parser.parse_args().worker))))

@@ -1,0 +1,128 @@
+"""Markdown tables and the scaling plot of a ``winattn bench`` run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .bench_cases import SHORT
+
+
+def _ratio(stats: dict) -> str:
+    return f"{stats['speedup_of_winattn']:.2f}x"
+
+
+def write_markdown(results: dict, path: Path) -> str:
+    m, v = results["machine"], results["versions"]
+    lines = [
+        "# winattn benchmark",
+        "",
+        f"- machine: {m['cpu_model']}, {m['logical_cpus']} logical CPUs, torch threads "
+        f"{m['torch_threads']}, ISA {', '.join(m['isa'])}",
+        f"- load average at start / end: {tuple(round(x, 2) for x in m['load_average'])} / "
+        f"{tuple(round(x, 2) for x in m.get('load_average_end', ()))}",
+        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        f"- commit: {results['commit']}",
+        f"- command: `{results['command']}` (preset {results['preset']})",
+        f"- measured matmul peak (2048^3, best of 8, start and end of the run): fp32 {results['peak_gflops']['fp32']:.1f} "
+        f"GFLOP/s, bf16 {results['peak_gflops']['bf16']:.1f} GFLOP/s; copy bandwidth "
+        f"{results['copy_gbps']:.1f} GB/s (read + write)",
+        "- GFLOP/s: the model's nominal FLOPs (PyTorch's FLOP counter on timm's model) over the "
+        "median time; 'of peak' divides by the measured matmul peak of that dtype",
+        "- ratios: a peer's median time over winattn's, in the same process, the libraries "
+        "taking turns call by call (above 1: winattn is faster)",
+        "",
+    ]
+    for note in results.get("notes", []):
+        lines.append(f"- note: {note}")
+    if results.get("inference"):
+        lines += ["## Inference (224x224, logits)", "",
+                  "| model | batch | dtype | library | median ms | ratio | GFLOP/s | of peak | parity |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for row in results["inference"]:
+            for name, s in row["peers"].items():
+                par = row["parity"].get(name, {})
+                check = "-" if name == "winattn" else ("ok" if par.get("ok") else par.get("why", "?"))
+                lines.append(
+                    f"| {SHORT.get(row['model'], row['model'])} | {row['batch']} | {row['dtype']} | "
+                    f"{name} | {s['median_ms']:.1f} | {_ratio(s)} | {s['gflops']:.1f} | "
+                    f"{100 * s['utilisation']:.0f}% | {check} |")
+        lines.append("")
+    if results.get("training"):
+        lines += ["## Training step (forward, backward, AdamW; batch 8, 224x224)", "",
+                  "Activation memory: bytes autograd saves for backward in one forward (parameters "
+                  "excluded). Peak RSS: a fresh process building the model and running two steps "
+                  "(`MALLOC_MMAP_THRESHOLD_=65536`); 'over baseline' subtracts its RSS after "
+                  "building the model and optimizer (so it holds activations, gradients, AdamW "
+                  "state).", "",
+                  "| model | dtype | library | median ms | ratio | activations MiB | peak RSS MiB | over baseline MiB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in results["training"]:
+            for name, s in row["peers"].items():
+                mem = s.get("memory", {})
+                lines.append(
+                    f"| {SHORT.get(row['model'], row['model'])} | {row['dtype']} | {name} | "
+                    f"{s['median_ms']:.0f} | {_ratio(s)} | {s['activation_mib']:.0f} | "
+                    f"{mem.get('peak_rss_mib', float('nan')):.0f} | "
+                    f"{mem.get('peak_over_baseline_mib', float('nan')):.0f} |")
+        lines.append("")
+    if results.get("features"):
+        lines += ["## Feature extraction (forward_features, batch 1, float32)", "",
+                  "| resolution | library | median ms | ratio | peak RSS over baseline MiB | max diff vs timm |",
+                  "|---|---|---|---|---|---|"]
+        for row in results["features"]:
+            for name, s in row["peers"].items():
+                mem = s.get("memory", {})
+                diff = "-" if name == "winattn" else (
+                    f"{row['max_abs_diff']:.1e}" + ("" if row["same_function"] else
+                                                  " (padding differs by design)"))
+                lines.append(
+                    f"| {row['resolution']}x{row['resolution']} | {name} | {s['median_ms']:.0f} | "
+                    f"{_ratio(s)} | {mem.get('peak_over_baseline_mib', float('nan')):.0f} | {diff} |")
+        lines.append("")
+    if results.get("operator"):
+        lines += ["## The operator alone (batch 8, window 7, shift 3, bias; head_dim 32)", "",
+                  "`winattn`: `window_attention` on grid-layout q, k, v (gathers in and out); "
+                  "`winattn window-order`: the stage-internal call on tokens already in window "
+                  "order; `roll/partition/matmul`: the peers' path; `SDPA dense mask`: one SDPA "
+                  "over the whole grid with a dense additive mask.", "",
+                  "| stage | dtype | path | median ms | ratio | GFLOP/s (useful) |",
+                  "|---|---|---|---|---|---|"]
+        for row in results["operator"]:
+            for name, s in row["peers"].items():
+                lines.append(f"| {row['stage']} {tuple(row['shape'])} | {row['dtype']} | {name} | "
+                             f"{s['median_ms']:.2f} | {_ratio(s)} | {s['gflops']:.1f} |")
+        lines.append("")
+    text = "\n".join(lines)
+    path.write_text(text)
+    return text
+
+
+def write_plot(results: dict, path: Path) -> None:
+    """Time and memory of forward_features against pixels, log-log, one line per library."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = results["features"]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in rows[0]["peers"]:
+        pixels = [r["pixels"] for r in rows]
+        ax_t.plot(pixels, [r["peers"][name]["median_ms"] for r in rows], "o-", label=name)
+        mem = [r["peers"][name].get("memory", {}).get("peak_over_baseline_mib") for r in rows]
+        if all(x is not None for x in mem):
+            ax_m.plot(pixels, mem, "o-", label=name)
+    for ax, label in ((ax_t, "median time (ms)"), (ax_m, "peak RSS over baseline (MiB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("pixels (side^2)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{SHORT.get(rows[0]['model'], rows[0]['model'])} forward_features, batch 1, "
+                 f"float32; {results['machine']['cpu_model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,199 @@
+"""Inference-time linear layers through oneDNN, with the bias and GELU fused into the matmul.
+
+On CPU, ``torch.ops.mkldnn._linear_pointwise`` runs the matmul, the bias add and the
+activation in one pass over the output, where ``F.gelu(F.linear(...))`` writes and re-reads it.
+Under CPU autocast the weights are cast once and cached (keyed by the parameter's identity and
+version, so an update invalidates the copy). The oneDNN op has no backward: with gradients
+enabled a small autograd Function wraps it (backward as autograd's); off the CPU the plain
+PyTorch ops run.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _register_flops() -> None:
+    """Teach PyTorch's FLOP counter the fused oneDNN linear, so FLOP counts of winattn models
+    (``torch.utils.flop_counter``, ``winattn info --flops``) include their matmuls."""
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None:
+        return
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    if op in flop_registry or op.default in flop_registry:
+        return
+
+    @register_flop_formula(op)
+    def _linear_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
+        tokens = 1
+        for n in x_shape[:-1]:
+            tokens *= n
+        return 2 * tokens * x_shape[-1] * out_shape[-1]
+
+
+_register_flops()
+
+
+def _onednn_ready(x: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+
+def _matmul_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none"
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` (then ``activation``) in one oneDNN call, all in x's dtype."""
+    if activation == "gelu":
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _LinearFunction(torch.autograd.Function):
+    """``F.linear`` whose forward matmul runs through oneDNN (faster than the BLAS ``addmm``
+    on the CPUs measured); backward is autograd's (two ``mm`` and a sum). Inputs arrive
+    already in the compute dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _matmul_forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (T, out)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # grad @ W as a oneDNN "linear" against W^T (a small copy of the weight).
+            grad_x = _matmul_forward(grad_2d, weight.t().contiguous(), None).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_2d.t() @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_2d.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def _cast_weight(layer: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
+    weight = layer.weight
+    if weight.dtype == dtype:
+        return weight
+    stamp = (weight.data_ptr(), weight._version, dtype)
+    cached = getattr(layer, "_winattn_cast", None)
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, weight.detach().to(dtype))
+        layer._winattn_cast = cached  # type: ignore[assignment]
+    return cached[1]
+
+
+def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
+    """``layer(x)``, followed by exact (erf) GELU when ``gelu``; same numerics as the modules.
+
+    Under CPU autocast the matmul runs in the autocast dtype, as ``nn.Linear`` would.
+    """
+    dtype = _compute_dtype(x)
+    if _onednn_ready(x) and dtype in _ONEDNN_DTYPES and layer.weight.dtype in _ONEDNN_DTYPES:
+        with torch.autocast("cpu", enabled=False):
+            if not torch.is_grad_enabled():
+                weight = _cast_weight(layer, dtype)
+                bias = _cast(layer.bias, dtype)
+                return _matmul_forward(x.to(dtype), weight, bias, "gelu" if gelu else "none")
+            out = _LinearFunction.apply(
+                x.to(dtype), layer.weight.to(dtype), _cast(layer.bias, dtype)
+            )
+            return F.gelu(out) if gelu else out
+    out = layer(x)
+    return F.gelu(out) if gelu else out
+
+
+class _NormMlpFunction(torch.autograd.Function):
+    """``fc2(gelu(fc1(layer_norm(x))))`` storing only ``x``, the norm statistics and the
+    pre-activation ``fc1`` output: the normalised input and the GELU output (1 + 4 channel
+    widths per token) are recomputed in backward, which costs two elementwise passes.
+
+    Under CPU autocast the matmuls run in the autocast dtype and the norm in float32, as the
+    modules would; gradients come back in the parameters' dtypes.
+    """
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias):  # type: ignore[override]
+        width = (x.shape[-1],)
+        dtype = _compute_dtype(x)
+        with torch.autocast("cpu", enabled=False):
+            normed, mean, rstd = torch.native_layer_norm(x, width, norm_weight, norm_bias, eps)
+            pre = _matmul_forward(normed.to(dtype), fc1_weight.to(dtype), _cast(fc1_bias, dtype))
+            out = _matmul_forward(F.gelu(pre), fc2_weight.to(dtype), _cast(fc2_bias, dtype))
+        ctx.save_for_backward(x, mean, rstd, pre, norm_weight, norm_bias, fc1_weight, fc2_weight)
+        ctx.eps = eps
+        ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, mean, rstd, pre, norm_weight, norm_bias, fc1_weight, fc2_weight = ctx.saved_tensors
+        dtype = pre.dtype
+        width = x.shape[-1]
+        with torch.autocast("cpu", enabled=False):
+            grad_out = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])  # (T, C_out)
+            hidden = F.gelu(pre).reshape(-1, pre.shape[-1])  # (T, 4C) recomputed
+            grad_fc2_weight = (grad_out.t() @ hidden).to(fc2_weight.dtype)
+            grad_fc2_bias = grad_out.sum(0).to(fc2_weight.dtype) if ctx.has_bias[1] else None
+            grad_hidden = _matmul_forward(grad_out, fc2_weight.to(dtype).t().contiguous(), None)
+            del hidden
+            grad_pre = torch.ops.aten.gelu_backward(grad_hidden, pre.reshape(grad_hidden.shape))
+            del grad_hidden
+            normed = (x.reshape(-1, width) - mean.reshape(-1, 1)) * rstd.reshape(-1, 1)
+            normed = normed * norm_weight + norm_bias if norm_weight is not None else normed
+            grad_fc1_weight = (grad_pre.t() @ normed.to(dtype)).to(fc1_weight.dtype)
+            grad_fc1_bias = grad_pre.sum(0).to(fc1_weight.dtype) if ctx.has_bias[0] else None
+            grad_normed = _matmul_forward(grad_pre, fc1_weight.to(dtype).t().contiguous(), None)
+            grad_normed = grad_normed.to(x.dtype).view(x.shape)
+            grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
+                grad_normed,
+                x,
+                (width,),
+                mean,
+                rstd,
+                norm_weight,
+                norm_bias,
+                [True, norm_weight is not None, norm_bias is not None],
+            )
+        return (
+            grad_x,
+            grad_norm_weight,
+            grad_norm_bias,
+            None,
+            grad_fc1_weight,
+            grad_fc1_bias,
+            grad_fc2_weight,
+            grad_fc2_bias,
+        )
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def norm_mlp(x: torch.Tensor, norm: nn.LayerNorm, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
+    """``fc2(gelu(fc1(norm(x))))``: fused oneDNN ops without gradients, and a
+    memory-lean autograd Function (:class:`_NormMlpFunction`) with them, on CPU."""
+    if not torch.is_grad_enabled():
+        return linear(linear(norm(x), fc1, gelu=True), fc2)
+    usable = _onednn_ready(x) and _compute_dtype(x) in _ONEDNN_DTYPES
+    if not usable or not isinstance(norm, nn.LayerNorm) or norm.weight is None:
+        return fc2(F.gelu(fc1(norm(x))))
+    return _NormMlpFunction.apply(
+        x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias
+    )

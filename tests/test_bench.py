@@ -1,0 +1,33 @@
+"""The benchmark's own pieces compute what they claim (no timing here)."""
+
+from __future__ import annotations
+
+import torch
+
+from winattn import window_attention
+from winattn.cli.bench import _dense_mask, _peer_window_path
+from winattn.cli.bench_cases import summarise, time_interleaved
+
+
+def test_peer_path_and_dense_mask_compute_the_operator():
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 14, 21, 3, 2, 8, generator=gen, dtype=torch.float64)
+    bias = torch.randn(2, 49, 49, generator=gen, dtype=torch.float64)
+    q, k, v = qkv.unbind(3)
+    want = window_attention(q, k, v, 7, shift_size=3, bias=bias, backend="reference")
+    torch.testing.assert_close(_peer_window_path(qkv, bias, 7, 3), want)
+    qd, kd, vd = (t.reshape(2, -1, 2, 8).transpose(1, 2) for t in (q, k, v))
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        qd, kd, vd, attn_mask=_dense_mask(14, 21, 7, 3, bias).unsqueeze(0)
+    )
+    torch.testing.assert_close(dense.transpose(1, 2).reshape(want.shape), want)
+
+
+def test_summary_ratios_are_peer_over_winattn():
+    calls = []
+    times = time_interleaved({"winattn": lambda: calls.append("w"), "peer": lambda: calls.append("p")}, 1, 3)
+    assert calls == ["w", "p"] * 4  # turns alternate, warm-up included
+    summary = summarise({"winattn": [1.0, 2.0, 3.0], "peer": [4.0, 4.0, 6.0]})
+    assert summary["peer"]["speedup_of_winattn"] == 2.0
+    assert summary["winattn"]["median_ms"] == 2000.0
+    assert len(times["peer"]) == 3

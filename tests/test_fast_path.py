@@ -1,0 +1,229 @@
+"""The fast path against the dense oracle: the grid-layout operator (forward and backward,
+the recompute-in-backward Function included) and the window-order Swin stages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from winattn import window_attention
+from winattn.ops.backends.sdpa import attend_qkv, expand_to_batch
+from winattn.ops.geometry import padded_token_mask, plan_windows, transition_index
+
+CASES = [
+    # (grid, window, shift, heads, head_dim)
+    ((14, 14), (7, 7), (3, 3), 3, 32),
+    ((14, 14), (7, 7), (0, 0), 2, 24),
+    ((9, 11), (4, 3), (2, 1), 2, 40),
+    ((5, 6), (5, 6), (0, 0), 1, 64),
+    ((6, 5), (1, 1), (0, 0), 2, 16),
+    ((12,), (5,), (2,), 2, 32),
+    ((4, 6, 5), (2, 3, 5), (1, 1, 0), 2, 24),
+]
+
+
+def _inputs(grid, heads, head_dim, batch=2, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, *grid, heads, head_dim)
+    q, k, v = (torch.randn(shape, generator=gen, dtype=dtype) for _ in range(3))
+    return q, k, v, gen
+
+
+@pytest.mark.parametrize("grid, window, shift, heads, head_dim", CASES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_forward_backward_match_reference(grid, window, shift, heads, head_dim, batch):
+    q, k, v, gen = _inputs(grid, heads, head_dim, batch)
+    tokens = 1
+    for w in window:
+        tokens *= w
+    bias = torch.randn(heads, tokens, tokens, generator=gen, dtype=torch.float64)
+    grad = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    results = {}
+    for backend in ("reference", "sdpa"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+        out = window_attention(
+            *leaves[:3], window, shift_size=shift, bias=leaves[3], backend=backend
+        )
+        out.backward(grad)
+        results[backend] = [out.detach()] + [t.grad for t in leaves]
+    for name, ref, fast in zip(("out", "dq", "dk", "dv", "dbias"), *results.values()):
+        torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_float32_forward_matches_reference_without_grad():
+    q, k, v, _ = _inputs((14, 21), 3, 32, batch=2, dtype=torch.float32)
+    ref = window_attention(q.double(), k.double(), v.double(), 7, shift_size=3, backend="reference")
+    with torch.no_grad():
+        fast = window_attention(q, k, v, 7, shift_size=3, backend="sdpa")
+    torch.testing.assert_close(fast.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_transition_index_moves_tokens_between_orders():
+    plain = plan_windows((14, 21), (7, 7), (0, 0))
+    shifted = plan_windows((14, 21), (7, 7), (3, 3))
+    grid = torch.arange(14 * 21).view(1, 14, 21, 1)
+    in_plain = plain.partition(grid).reshape(1, -1, 1)
+    moved = in_plain.index_select(1, transition_index(plain, shifted))
+    torch.testing.assert_close(moved, shifted.partition(grid).reshape(1, -1, 1))
+    with pytest.raises(ValueError, match="different grids"):
+        transition_index(plain, plan_windows((14, 14), (7, 7), (0, 0)))
+
+
+def test_padded_token_mask_marks_exactly_the_padding():
+    plan = plan_windows((14, 14), (7, 7), (3, 3))
+    outside = padded_token_mask(plan, (12, 13))
+    grid = torch.zeros(1, 14, 14, 1, dtype=torch.bool)
+    grid[:, 12:] = True
+    grid[:, :, 13:] = True
+    torch.testing.assert_close(outside, plan.partition(grid).reshape(-1, 1))
+    assert padded_token_mask(plan, (14, 14)) is None
+
+
+def test_attend_qkv_per_window_mask_gradient_sums_over_batch():
+    gen = torch.Generator().manual_seed(1)
+    batch, windows, heads, tokens, head_dim = 3, 4, 2, 9, 8
+    qkv = torch.randn(batch * windows, tokens, 3, heads, head_dim, generator=gen, dtype=torch.float64)
+    mask = torch.randn(windows, heads, tokens, tokens, generator=gen, dtype=torch.float64)
+    grad = torch.randn(batch * windows, tokens, heads, head_dim, generator=gen, dtype=torch.float64)
+
+    def dense(qkv, mask):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, heads, N, d)
+        logits = q @ k.transpose(-1, -2) * head_dim**-0.5 + expand_to_batch(mask, batch * windows)
+        return (logits.softmax(-1) @ v).transpose(1, 2)
+
+    got, want = [], []
+    for fn, sink in ((None, got), (dense, want)):
+        leaves = [qkv.clone().requires_grad_(), mask.clone().requires_grad_()]
+        if fn is None:
+            q, k, v = leaves[0].permute(2, 0, 3, 1, 4).unbind(0)
+            out = attend_qkv(q, k, v, leaves[1], head_dim**-0.5)
+        else:
+            out = fn(*leaves)
+        out.backward(grad)
+        sink += [out.detach(), leaves[0].grad, leaves[1].grad]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- Swin stages
+from winattn import SwinConfig, SwinTransformer  # noqa: E402
+from winattn.layers import fused  # noqa: E402
+
+TINY = dict(embed_dim=16, depths=(2, 3), num_heads=(2, 4), window_size=4, patch_size=2,
+            drop_path_rate=0.0, num_classes=5)
+
+
+def _grid_path(model: SwinTransformer, x: torch.Tensor) -> torch.Tensor:
+    """The same model run block by block on the grid layout (roll-free operator calls)."""
+    feats = model.patch_embed(x)
+    for stage in model.layers:
+        feats = stage._forward_grid(stage.downsample(feats))
+    return model.forward_head(model.norm(feats))
+
+
+@pytest.mark.parametrize("size", [(32, 32), (30, 42), (18, 26)])
+def test_window_order_stages_match_grid_path_forward_and_backward(size):
+    torch.manual_seed(0)
+    model = SwinTransformer(SwinConfig(**TINY)).double()
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    grads = []
+    for run in (model, lambda t: _grid_path(model, t)):
+        model.zero_grad()
+        out = run(x)
+        out.square().sum().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-10, atol=1e-10)
+    for name in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][name], grads[1][1][name], rtol=1e-9, atol=1e-10,
+                                   msg=name)
+
+
+def test_eval_matches_grid_path_and_mask_cache_follows_weight_updates():
+    torch.manual_seed(0)
+    model = SwinTransformer(SwinConfig(**TINY)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _grid_path(model, x), rtol=1e-5, atol=1e-5)
+        table = model.layers[0].blocks[1].attn.relative_position_bias_table
+        table.add_(torch.randn_like(table))  # a cached folded mask must not survive this
+        torch.testing.assert_close(model(x), _grid_path(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_checkpointed_stages_give_the_same_gradients():
+    torch.manual_seed(0)
+    model = SwinTransformer(SwinConfig(**TINY)).double()
+    x = torch.randn(1, 3, 30, 30, dtype=torch.float64)
+    results = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        model(x).sum().backward()
+        results.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+def test_norm_mlp_function_matches_modules_in_float64():
+    torch.manual_seed(0)
+    norm, fc1, fc2 = torch.nn.LayerNorm(12), torch.nn.Linear(12, 48), torch.nn.Linear(48, 12)
+    for module in (norm, fc1, fc2):
+        module.double()
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    params = [*norm.parameters(), *fc1.parameters(), *fc2.parameters()]
+    x = torch.randn(3, 7, 12, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 7, 12, dtype=torch.float64)
+    got = fused.norm_mlp(x, norm, fc1, fc2)
+    got_grads = torch.autograd.grad(got, [x, *params], grad)
+    want = fc2(torch.nn.functional.gelu(fc1(norm(x))))
+    want_grads = torch.autograd.grad(want, [x, *params], grad)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.norm_mlp(x.float(), norm.float(), fc1.float(), fc2.float()),
+                                   want.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_autocast_training_error_within_twice_the_modules_error():
+    """STYLE's low-precision rule on the fused MLP: error against float64 at most 2x (output)
+    and 3x (gradients) the error of the plain modules under the same autocast, plus a floor."""
+    torch.manual_seed(0)
+    norm, fc1, fc2 = torch.nn.LayerNorm(32), torch.nn.Linear(32, 128), torch.nn.Linear(128, 32)
+    params = [*norm.parameters(), *fc1.parameters(), *fc2.parameters()]
+    x = torch.randn(4, 49, 32, requires_grad=True)
+    grad = torch.randn(4, 49, 32)
+
+    def run(fn, cast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
+            out = fn(x)
+        return [out.float(), *torch.autograd.grad(out.float(), [x, *params], grad)]
+
+    modules = lambda t: fc2(torch.nn.functional.gelu(fc1(norm(t))))  # noqa: E731
+    with torch.autocast("cpu", enabled=False):
+        exact = [t.double() for t in run(modules, False)]  # float32 is far below bf16 noise
+    plain = run(modules, True)
+    fast = run(lambda t: fused.norm_mlp(t, norm, fc1, fc2), True)
+    for i, (e, p, f) in enumerate(zip(exact, plain, fast)):
+        factor = 2 if i == 0 else 3
+        assert (f.double() - e).abs().max() <= factor * (p.double() - e).abs().max() + 1e-5, i
+
+
+def test_swin_tiny_matches_timm():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    name = "swin_tiny_patch4_window7_224"
+    peer = timm.create_model(name, drop_path_rate=0.0).eval()
+    ours = winattn_create(name)
+    ours.load_state_dict({k: v for k, v in peer.state_dict().items()
+                          if "relative_position_index" not in k and "attn_mask" not in k})
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peer(x), rtol=0, atol=1e-4)
+
+
+def winattn_create(name):
+    from winattn import create_model
+
+    return create_model(name, drop_path_rate=0.0).eval()
