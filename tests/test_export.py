@@ -111,23 +111,12 @@ def test_onnx_v2_one_file_three_resolutions(tmp_path):
     _onnx_matches(2, tmp_path)
 
 
-@pytest.mark.slow
 def test_onnx_v1_one_file_three_resolutions(tmp_path):
     _onnx_matches(1, tmp_path)
 
 
 # ---------------------------------------------------------------- torch.compile
-# V1: SwinBlock._attention branches on its window pad (`if pad_h or pad_w:`), a guard on the
-# traced size, so 48x40 (pad on one axis only) and 57x43 compile twice; V2 blocks always pad
-# while tracing. Strict xfail: it flips when the V1 block stops branching.
-_V1_PAD_GUARD = pytest.mark.xfail(
-    strict=True, reason="V1 SwinBlock._attention guards on `if pad_h or pad_w` (swin.py)"
-)
-
-
-@pytest.mark.parametrize(
-    "version", [2, pytest.param(1, marks=[pytest.mark.slow, _V1_PAD_GUARD])]
-)
+@pytest.mark.parametrize("version", [2, 1])
 def test_compile_fullgraph_no_recompile_across_resolutions(version):
     """One graph for three resolutions with dynamic shapes (no per-shape recompiles)."""
     # One stage keeps the trace short; the merging layers are traced by the ONNX tests.

@@ -8,6 +8,7 @@ range the trace allows; see docs/export.md.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -65,7 +66,7 @@ def export_onnx(
     path: str | os.PathLike,
     *,
     opset: int = 18,
-    dynamic: bool = True,
+    dynamic: bool | str = True,
     example_input: torch.Tensor | None = None,
 ) -> str:
     """Export ``model`` (images -> outputs) to an ONNX file.
@@ -80,7 +81,11 @@ def export_onnx(
         model: a winattn model (``create_model``), or any module taking ``(B, C, H, W)`` images.
         path: the ``.onnx`` file to write.
         opset: ONNX opset, at least 17.
-        dynamic: symbolic batch/height/width; False: fixed to ``example_input``'s shape.
+        dynamic: True: symbolic batch/height/width, exact for inputs of at least
+            :func:`general_input_size` per side (a warning says so when that excludes the
+            model's own size); ``"batch"``: symbolic batch, height and width fixed at the
+            model's own size (``data_config``), exact there; False: fixed to
+            ``example_input``'s shape.
         example_input: the tensor to trace with.
 
     Returns:
@@ -107,12 +112,26 @@ def export_onnx(
         raise ImportError(
             "export_onnx needs the onnx and onnxscript packages (pip install onnx onnxscript)"
         ) from error
+    if dynamic not in (True, False, "batch"):
+        raise ValueError(f"dynamic must be True, False or 'batch', got {dynamic!r}")
+    own_size = tuple(model.data_config["input_size"][1:])
     if example_input is None:
-        example_input = torch.randn(2, model.config.in_chans, *example_size(model))
+        size = own_size if dynamic == "batch" else example_size(model)
+        example_input = torch.randn(2, model.config.in_chans, *size)
     dynamic_shapes = None
     if dynamic:
         dim = torch.export.Dim.DYNAMIC
-        dynamic_shapes = ({0: dim, 2: dim, 3: dim},)
+        dynamic_shapes = ({0: dim} if dynamic == "batch" else {0: dim, 2: dim, 3: dim},)
+    if dynamic is True:
+        low = general_input_size(model)
+        if own_size[0] < low[0] or own_size[1] < low[1]:
+            warnings.warn(
+                f"the exported graph is exact for inputs of at least {low[0]}x{low[1]} pixels; "
+                f"the model's own size {own_size[0]}x{own_size[1]} is below that (a window "
+                f"shrinks or a shift is dropped there) and would give other outputs: export "
+                f"with dynamic='batch' for that size",
+                stacklevel=2,
+            )
     was_training = model.training
     model.eval()
     try:

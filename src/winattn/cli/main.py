@@ -1,4 +1,4 @@
-"""``winattn``: train, eval, predict, info and the one-command demo.
+"""``winattn``: train, eval, predict, info, the one-command demo, bench, convert and export.
 
 Run ``winattn COMMAND --help`` for each command's options. Multi-process training goes through
 PyTorch's own launcher: ``torchrun --nproc_per_node N -m winattn train ...``.
@@ -93,10 +93,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from winattn.cli import commands, demo
+    from winattn.cli import bench, commands, demo, tools
 
     parser = argparse.ArgumentParser(
-        prog="winattn", description="winattn: train, evaluate, predict, inspect models.",
+        prog="winattn",
+        description="winattn: train, evaluate, predict, inspect, benchmark, convert, export.",
         epilog="Multi-process: torchrun --nproc_per_node N -m winattn train ...")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -140,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=demo.DEMO_MODEL)
     _add_train_args(p, demo=True)
     p.set_defaults(func=demo.cmd_demo)
+
+    bench.add_parser(sub)
+    tools.add_parsers(sub)
     return parser
 
 

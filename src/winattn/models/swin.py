@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from ..layers import DropPath, Mlp, PatchEmbed, PatchMerging, WindowAttention, fused
 from ..ops import WindowPlan, plan_windows
 from ..ops.geometry import padded_token_mask, transition_index
+from ..ops.traceable import is_tracing
 from .registry import register_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -100,10 +101,13 @@ class SwinBlock(nn.Module):
             (height, width), self.window_size, self.shift_size, self.window_rule
         )
         pad_h, pad_w = -height % window[0], -width % window[1]
-        if pad_h or pad_w:
+        # While tracing, pad and crop unconditionally: a branch on the traced size would make
+        # compiled graphs specialise (and recompile) on whether a map needs padding.
+        padded = is_tracing() or bool(pad_h or pad_w)
+        if padded:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (B, Hp, Wp, C)
         x = self.attn(x, window, shift)
-        if pad_h or pad_w:
+        if padded:
             x = x[:, :height, :width]
         return x
 
@@ -177,6 +181,10 @@ class SwinStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)  # (B, H, W, C)
+        if is_tracing():
+            # The window-order path bakes this shape's index maps into the graph; the grid
+            # path's operator calls take the shape-generic route that exporters keep dynamic.
+            return self._forward_grid(x)
         batch, height, width, channels = x.shape
         plans = [block.plan(height, width, x.device) for block in self.blocks]
         if not plans or any(p.grid != plans[0].grid for p in plans):
