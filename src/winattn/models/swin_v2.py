@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from ..layers import DropPath, Mlp, PatchEmbed, PatchMerging
 from ..layers.attention_v2 import WindowAttentionV2
 from ..ops.traceable import is_tracing
+from .base import SwinBackbone
 from .registry import register_model
 from .swin import ClassifierHead, SwinConfig, WindowRule, _init_weights, resolve_window, to_2tuple
 
@@ -167,7 +168,7 @@ class SwinV2Config(SwinConfig):
                 )
 
 
-class SwinTransformerV2(nn.Module):
+class SwinTransformerV2(SwinBackbone):
     """Swin Transformer V2: patch embedding, post-norm cosine-attention stages, pooled head.
 
     ``forward_features`` returns the final-norm map ``(B, H/32, W/32, C)`` (channels last, as
@@ -220,81 +221,6 @@ class SwinTransformerV2(nn.Module):
                 for norm in (block.norm1, block.norm2):
                     nn.init.zeros_(norm.weight)
                     nn.init.zeros_(norm.bias)
-
-    @property
-    def feature_info(self) -> list[dict]:
-        """Per stage: channels, stride in pixels and module name (timm's ``feature_info``)."""
-        return [
-            {
-                "num_chs": self.config.embed_dim * 2**i,
-                "reduction": self.config.patch_size * 2**i,
-                "module": f"layers.{i}",
-            }
-            for i in range(len(self.layers))
-        ]
-
-    @property
-    def data_config(self) -> dict:
-        """Input size, normalisation and resize settings the model was configured for."""
-        height, width = to_2tuple(self.config.img_size, "img_size")
-        return {
-            "input_size": (self.config.in_chans, height, width),
-            "mean": self.config.mean,
-            "std": self.config.std,
-            "interpolation": "bicubic",
-            "crop_pct": self.config.crop_pct,
-        }
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C_in, H, W)`` images -> ``(B, H/32, W/32, num_features)`` after the final norm."""
-        x = self.patch_embed(x)  # (B, H/4, W/4, C)
-        x = self.layers(x)
-        return self.norm(x)
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | tuple[int, ...] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs as timm returns them.
-
-        See :func:`winattn.models.features.forward_intermediates`.
-        """
-        from .features import forward_intermediates
-
-        return forward_intermediates(
-            self,
-            x,
-            indices=indices,
-            norm=norm,
-            stop_early=stop_early,
-            output_fmt=output_fmt,
-            intermediates_only=intermediates_only,
-        )
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool ``(B, H, W, C)`` features; return pooled features or logits ``(B, classes)``."""
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one for ``num_classes`` (0: no classifier)."""
-        self.num_classes = num_classes
-        self.head.fc = nn.Identity()
-        if num_classes > 0:
-            self.head.fc = nn.Linear(self.num_features, num_classes)
-            _init_weights(self.head.fc)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in backward instead of storing them."""
-        for stage in self.layers:
-            stage.grad_checkpointing = enable
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names to exclude from weight decay: the CPB MLPs and logit scales (timm)."""
