@@ -57,16 +57,21 @@ def plot_curves(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
     plt = _pyplot()
     epochs = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
-    ax_loss.plot(epochs, [r["val_loss"] for r in rows], "o-", label="val")
+    # One colour per split on both panels, so train and val read the same everywhere.
+    train_style = dict(marker="o", color="C0")
+    val_style = dict(marker="o", color="C1")
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train", **train_style)
+    ax_loss.plot(epochs, [r["val_loss"] for r in rows], label="val", **val_style)
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
-    ax_acc.plot(epochs, [100 * r["val_top1"] for r in rows], "o-", label="val top-1")
-    if rows and "val_top1_ema" in rows[0]:
-        ax_acc.plot(epochs, [100 * r["val_top1_ema"] for r in rows], "o-", label="val top-1 (EMA)")
     if rows and rows[0].get("train_top1") is not None:
-        ax_acc.plot(epochs, [100 * r["train_top1"] for r in rows], "o-", label="train top-1")
+        ax_acc.plot(epochs, [100 * r["train_top1"] for r in rows], label="train top-1",
+                    **train_style)
+    ax_acc.plot(epochs, [100 * r["val_top1"] for r in rows], label="val top-1", **val_style)
+    if rows and "val_top1_ema" in rows[0]:
+        ax_acc.plot(epochs, [100 * r["val_top1_ema"] for r in rows], marker="o", color="C2",
+                    label="val top-1 (EMA)")
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy (%)")
     ax_acc.legend()
