@@ -13,17 +13,20 @@ TINY = dict(img_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(1
 TINY_CLASSES = 10
 
 
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+def randomize_(model: nn.Module, seed: int = 0, straddle_clamp: bool = False) -> nn.Module:
     """Give every parameter non-trivial random values (LN gains, biases, tables, logit scales).
 
     Default inits leave biases at zero and norms at one, which would hide a swapped bias or norm
-    in a conversion; this does not. The model is put in eval mode.
+    in a conversion; this does not. ``straddle_clamp`` draws V2's logit scales uniformly in
+    [0, 5.5), across the log(100) = 4.6 clamp, instead of near log(10). Eval mode.
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=gen)
-            if name.endswith("logit_scale"):
+            if name.endswith("logit_scale") and straddle_clamp:
+                param.copy_(torch.rand(param.shape, generator=gen) * 5.5)
+            elif name.endswith("logit_scale"):
                 param.copy_(math.log(10.0) + 0.3 * noise)
             elif param.ndim >= 2:
                 fan_in = param[0].numel()

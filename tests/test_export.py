@@ -5,10 +5,12 @@ Kept cheap: tiny two-stage models (window 4, stride 8), the "eager" compile back
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import pytest
+import swin_peers
 import torch
 
 import winattn
@@ -21,21 +23,7 @@ from winattn.ops.traceable import traceable_window_attention
 TINY = dict(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4)
 
 
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial weights (V2's post-norms start at zero, which would hide the attention)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=gen)
-            if name.endswith("logit_scale"):
-                param.copy_(torch.rand(param.shape, generator=gen) * 5.5)
-            elif param.ndim >= 2:
-                param.copy_(noise / math.sqrt(param[0].numel()))
-            elif "norm" in name and name.endswith("weight"):
-                param.copy_(1.0 + 0.2 * noise)
-            else:
-                param.copy_(0.2 * noise)
-    return model.eval()
+randomize_ = functools.partial(swin_peers.randomize_, straddle_clamp=True)
 
 
 def tiny(version: int) -> torch.nn.Module:

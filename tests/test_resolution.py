@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import math
+import functools
 
 import pytest
+import swin_peers
 import torch
 
 import winattn
@@ -17,20 +18,7 @@ SMALL = dict(img_size=224, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4
 SIZES = [(160, 320), (512, 512), (1000, 600)]
 
 
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=gen)
-            if name.endswith("logit_scale"):
-                param.copy_(torch.rand(param.shape, generator=gen) * 5.5)
-            elif param.ndim >= 2:
-                param.copy_(noise / math.sqrt(param[0].numel()))
-            elif "norm" in name and name.endswith("weight"):
-                param.copy_(1.0 + 0.2 * noise)
-            else:
-                param.copy_(0.2 * noise)
-    return model.eval()
+randomize_ = functools.partial(swin_peers.randomize_, straddle_clamp=True)
 
 
 def build(version: int, **overrides) -> torch.nn.Module:

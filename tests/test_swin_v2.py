@@ -11,9 +11,10 @@ mask twice (-200 instead of -100), so its shifted blocks differ and it gets a st
 
 from __future__ import annotations
 
-import math
+import functools
 
 import pytest
+import swin_peers
 import torch
 from torch import nn
 
@@ -39,21 +40,7 @@ V2_NAMES = [
 ATOL = 1e-4
 
 
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Every parameter random and non-trivial; logit scales straddle the log(100) clamp."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=gen)
-            if name.endswith("logit_scale"):
-                param.copy_(torch.rand(param.shape, generator=gen) * 5.5)  # clamp at 4.6
-            elif param.ndim >= 2:
-                param.copy_(noise / math.sqrt(param[0].numel()))
-            elif "norm" in name and name.endswith("weight"):
-                param.copy_(1.0 + 0.2 * noise)
-            else:
-                param.copy_(0.2 * noise)
-    return model.eval()
+randomize_ = functools.partial(swin_peers.randomize_, straddle_clamp=True)
 
 
 def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
