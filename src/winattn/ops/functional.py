@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .backends import select_backend
 from .call import AttentionCall
 from .geometry import IntOrTuple, normalize_tuple, plan_windows
-from .traceable import is_tracing, traceable_window_attention
+from .traceable import traceable_window_attention, use_traceable_path
 
 
 def window_attention(
@@ -50,7 +48,7 @@ def window_attention(
         >>> window_attention(q, k, v, 7, shift_size=3).shape
         torch.Size([2, 14, 14, 3, 32])
     """
-    if _use_traceable_path(q, backend):
+    if use_traceable_path(q, backend):
         # Exporters and compilers get the shape-generic path: the cached plans hold index maps
         # built from Python ints, which a trace would freeze to one input size.
         ndim = q.dim() - 3
@@ -60,22 +58,6 @@ def window_attention(
         return traceable_window_attention(q, k, v, window, shift, bias, scale)
     call = make_call(q, k, v, window_size, shift_size=shift_size, bias=bias, scale=scale)
     return select_backend(call, backend).forward(call)
-
-
-def _use_traceable_path(q: torch.Tensor, backend: str | None) -> bool:
-    """Whether a traced call takes the shape-generic path instead of the dispatcher.
-
-    Always under the ONNX exporter (a graph of standard ops). Under torch.compile / torch.export
-    too, except when a backend is forced (argument or ``WINATTN_BACKEND``) or the tensors are on
-    a GPU, where the dispatcher's fused kernels (custom ops) are what the compiled graph should
-    call.
-    """
-    if torch.onnx.is_in_onnx_export():
-        return True
-    if not is_tracing():
-        return False
-    forced = backend or os.environ.get("WINATTN_BACKEND")
-    return not forced and q.device.type == "cpu"
 
 
 def make_call(
@@ -107,7 +89,9 @@ def make_call(
             f"q, k and v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
         )
     if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise ValueError(
+            f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}"
+        )
     grid = tuple(q.shape[1:-2])
     heads, head_dim = q.shape[-2], q.shape[-1]
     window = normalize_tuple(window_size, len(grid), "window_size")
