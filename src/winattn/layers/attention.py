@@ -7,6 +7,7 @@ from torch import nn
 
 from ..ops import WindowPlan, window_attention
 from ..ops.backends.sdpa import attend_qkv, combine_mask, expand_to_batch
+from ..ops.traceable import TracedWindows, traceable_window_attention
 from . import fused
 from .position import relative_position_index
 
@@ -53,21 +54,29 @@ class WindowAttention(nn.Module):
         return bias.view(tokens, tokens, self.num_heads).permute(2, 0, 1)  # (heads, N, N)
 
     def forward(
-        self, x: torch.Tensor, window_size: tuple[int, int], shift_size: tuple[int, int]
+        self,
+        x: torch.Tensor,
+        window_size: tuple[int, int],
+        shift_size: tuple[int, int] | TracedWindows,
     ) -> torch.Tensor:
-        """``(B, H, W, C)`` -> ``(B, H, W, C)``; H and W are multiples of the window."""
+        """``(B, H, W, C)`` -> ``(B, H, W, C)``; H and W are multiples of the window.
+
+        ``shift_size`` is the shift per axis, or, on the shape-generic path of a traced call,
+        the block's window decision as tensors (:class:`~winattn.ops.traceable.TracedWindows`).
+        """
         batch, height, width, channels = x.shape
         qkv = self.qkv(x).view(batch, height, width, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(3)  # each (B, H, W, heads, d)
-        out = window_attention(
-            q,
-            k,
-            v,
-            window_size,
-            shift_size=shift_size,
-            bias=self.relative_position_bias(window_size),
-            scale=self.scale,
-        )  # (B, H, W, heads, d)
+        bias = self.relative_position_bias(window_size)
+        if isinstance(shift_size, TracedWindows):
+            # A shrunk window is the full one with keys excluded: the full window's bias.
+            out = traceable_window_attention(
+                q, k, v, window_size, shift_size.shift, bias, self.scale, shift_size.key_limit
+            )
+        else:
+            out = window_attention(
+                q, k, v, window_size, shift_size=shift_size, bias=bias, scale=self.scale
+            )  # (B, H, W, heads, d)
         return self.proj_drop(self.proj(out.reshape(batch, height, width, channels)))
 
     def window_mask(self, plan: WindowPlan, dtype: torch.dtype) -> torch.Tensor | None:

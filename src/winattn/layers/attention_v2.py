@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import window_attention
+from ..ops.traceable import TracedWindows, traceable_window_attention
 from ..ops.traceable import is_tracing as _is_tracing
 from .position import relative_position_index
 
@@ -29,22 +30,47 @@ from .position import relative_position_index
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
+def _cpb_offsets(window_size: tuple[int, int]) -> torch.Tensor:
+    """Every relative offset of a window, ``(2wh-1, 2ww-1, 2)`` float32, (dh, dw) row-major."""
+    h = torch.arange(-(window_size[0] - 1), window_size[0], dtype=torch.float32)
+    w = torch.arange(-(window_size[1] - 1), window_size[1], dtype=torch.float32)
+    return torch.stack(torch.meshgrid(h, w, indexing="ij"), dim=-1)  # (2wh-1, 2ww-1, 2)
+
+
+def _log_spaced(offsets: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
+    """Offsets divided by ``divisor`` (per axis), times 8, then sign(x) log2(1+|x|) / log2(8)."""
+    table = offsets / divisor * 8  # to [-8, 8]
+    table = torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+    return table.reshape(-1, 2)  # ((2wh-1)*(2ww-1), 2)
+
+
 def _cpb_coords(
     window_size: tuple[int, int], pretrained_window_size: tuple[int, int]
 ) -> torch.Tensor:
-    h = torch.arange(-(window_size[0] - 1), window_size[0], dtype=torch.float32)
-    w = torch.arange(-(window_size[1] - 1), window_size[1], dtype=torch.float32)
-    table = torch.stack(torch.meshgrid(h, w, indexing="ij"), dim=-1)  # (2wh-1, 2ww-1, 2)
+    divisor = pretrained_window_size if pretrained_window_size[0] > 0 else window_size
     # The reference implementations divide by max(w - 1, 1): a window of 1 has only offset 0.
+    divisor = torch.tensor([max(divisor[0] - 1, 1), max(divisor[1] - 1, 1)], dtype=torch.float32)
+    return _log_spaced(_cpb_offsets(window_size), divisor)
+
+
+def traced_cpb_coords(
+    window_size: tuple[int, int],
+    window_in_use: tuple[torch.Tensor, torch.Tensor],
+    pretrained_window_size: tuple[int, int] = (0, 0),
+) -> torch.Tensor:
+    """:func:`cpb_coords` of ``window_size``'s offsets, normalised by a traced window.
+
+    On the shape-generic path a shrunk window is the full window with keys excluded, so the
+    table covers the full window's offsets; the coordinates are divided by the window the
+    eager path would use (``window_in_use``, 0-d tensors of the traced size) unless a
+    pretrained window fixes the divisor. Offsets beyond the shrunk window meet only excluded
+    keys.
+    """
     if pretrained_window_size[0] > 0:
-        divisor = pretrained_window_size
-    else:
-        divisor = window_size
-    table[..., 0] /= max(divisor[0] - 1, 1)
-    table[..., 1] /= max(divisor[1] - 1, 1)
-    table *= 8  # to [-8, 8]
-    table = torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
-    return table.reshape(-1, 2)  # ((2wh-1)*(2ww-1), 2)
+        return _cpb_coords(tuple(window_size), tuple(pretrained_window_size))
+    divisor = torch.stack(window_in_use).clamp(min=2).to(torch.float32) - 1  # (2,)
+    offsets = _cpb_offsets(tuple(window_size)).to(divisor.device)
+    return _log_spaced(offsets, divisor)
 
 
 _cpb_coords_cached = lru_cache(maxsize=64)(_cpb_coords)
@@ -134,9 +160,16 @@ class WindowAttentionV2(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self._bias_cache: dict[tuple, torch.Tensor] = {}
 
-    def _compute_position_bias(self, window_size: tuple[int, int]) -> torch.Tensor:
+    def _compute_position_bias(
+        self,
+        window_size: tuple[int, int],
+        window_in_use: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         device = self.logit_scale.device
-        if _is_tracing():
+        if window_in_use is not None:
+            coords = traced_cpb_coords(window_size, window_in_use, self.pretrained_window_size)
+            index = relative_position_index(window_size).to(device)
+        elif _is_tracing():
             coords = cpb_coords(window_size, self.pretrained_window_size).to(device)
             index = relative_position_index(window_size).to(device)
         else:
@@ -174,9 +207,16 @@ class WindowAttentionV2(nn.Module):
         return bias
 
     def forward(
-        self, x: torch.Tensor, window_size: tuple[int, int], shift_size: tuple[int, int]
+        self,
+        x: torch.Tensor,
+        window_size: tuple[int, int],
+        shift_size: tuple[int, int] | TracedWindows,
     ) -> torch.Tensor:
-        """``(B, H, W, C)`` -> ``(B, H, W, C)``; H and W are multiples of ``window_size``."""
+        """``(B, H, W, C)`` -> ``(B, H, W, C)``; H and W are multiples of ``window_size``.
+
+        ``shift_size`` is the shift per axis, or, on the shape-generic path of a traced call,
+        the block's window decision as tensors (:class:`~winattn.ops.traceable.TracedWindows`).
+        """
         batch, height, width, channels = x.shape
         bias = None
         if self.q_bias is not None:
@@ -188,19 +228,19 @@ class WindowAttentionV2(nn.Module):
         logit_scale = torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()
         q = _unit(q) * logit_scale.view(self.num_heads, 1).to(q.dtype)
         k = _unit(k)
-        out = window_attention(
-            q,
-            k,
-            v,
-            window_size,
-            shift_size=shift_size,
-            bias=self.position_bias(window_size),
-            scale=1.0,
-        )  # (B, H, W, heads, d)
+        if isinstance(shift_size, TracedWindows):
+            position_bias = self._compute_position_bias(window_size, shift_size.window)
+            out = traceable_window_attention(
+                q, k, v, window_size, shift_size.shift, position_bias, 1.0, shift_size.key_limit
+            )
+        else:
+            out = window_attention(
+                q,
+                k,
+                v,
+                window_size,
+                shift_size=shift_size,
+                bias=self.position_bias(window_size),
+                scale=1.0,
+            )  # (B, H, W, heads, d)
         return self.proj_drop(self.proj(out.reshape(batch, height, width, channels)))
-
-    def extra_repr(self) -> str:
-        return (
-            f"dim={self.dim}, num_heads={self.num_heads}, "
-            f"pretrained_window_size={self.pretrained_window_size}"
-        )

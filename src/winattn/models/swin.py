@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from ..layers import DropPath, Mlp, PatchEmbed, PatchMerging, WindowAttention, fused
 from ..ops import WindowPlan, plan_windows
 from ..ops.geometry import padded_token_mask, transition_index
-from ..ops.traceable import is_tracing
+from ..ops.traceable import TracedWindows, is_tracing, use_traceable_path
 from .base import SwinBackbone, _init_weights, to_2tuple
 from .registry import register_model
 
@@ -57,6 +57,86 @@ def resolve_window(
     return window_size, shift  # type: ignore[return-value]
 
 
+def traced_window_rule(
+    feature_size: tuple,
+    window_size: tuple[int, int],
+    shift_size: tuple[int, int],
+    rule: WindowRule,
+    device: torch.device,
+) -> TracedWindows:
+    """:func:`resolve_window`'s decision as tensors of a traced size, with no branch on it.
+
+    An exported or compiled graph then makes the decision at run time: the shift is 0 or the
+    block's, and a shrunk window is the full window with the keys past the map excluded (the
+    same keys, the same relative offsets, so the same attention). Exact at every size for
+    "timm" and "torchvision", and for "official" at every size except a non-square map whose
+    shorter side is below the window: the official rule then cuts the longer side into
+    windows of the shorter side's extent, a window that depends on the input; the graph
+    shrinks each axis to its own extent there instead (timm's windows; the shift is dropped on
+    both axes, as the official rule does). See docs/export.md.
+
+    Args:
+        feature_size: the map's (height, width), traced (symbolic) or plain ints.
+        window_size, shift_size: the block's configured window and shift.
+        rule: the model's ``window_rule``.
+        device: where the tensors go.
+    """
+    sizes = [torch.scalar_tensor(f, dtype=torch.long, device=device) for f in feature_size]
+    larger = [n > w for n, w in zip(sizes, window_size)]  # 0-d bool, per axis
+    if rule == "official":
+        both = larger[0] & larger[1]
+        larger = [both, both]
+    shift = tuple(s * big.long() for s, big in zip(shift_size, larger))
+    if rule == "torchvision":
+        window = tuple(torch.full_like(n, w) for n, w in zip(sizes, window_size))
+        return TracedWindows(shift, None, window)
+    if rule == "official":
+        smallest = torch.minimum(sizes[0], sizes[1])
+        window = tuple(torch.where(larger[0], w, smallest.clamp(max=w)) for w in window_size)
+    else:
+        window = tuple(n.clamp(max=w) for n, w in zip(sizes, window_size))
+    # Keys past a map shorter than the window are the shrunk window's outside; a limit of
+    # n + w is past every padded coordinate (excludes nothing).
+    key_limit = tuple(torch.where(n < w, n, n + w) for n, w in zip(sizes, window_size))
+    return TracedWindows(shift, key_limit, window)
+
+
+def attend_in_windows(
+    attn: nn.Module,
+    x: torch.Tensor,
+    window_size: tuple[int, int],
+    shift_size: tuple[int, int],
+    rule: WindowRule,
+) -> torch.Tensor:
+    """``attn`` on ``(B, H, W, C)``, zero-padded to its window before the shift and cropped back.
+
+    Eager calls resolve the window and shift from the map's size (:func:`resolve_window`);
+    traced calls that take the shape-generic path get the decision as tensors
+    (:func:`traced_window_rule`), so one graph serves every size.
+    """
+    batch, height, width, _ = x.shape
+    if use_traceable_path(x):
+        window = window_size
+        shift = traced_window_rule((height, width), window_size, shift_size, rule, x.device)
+    else:
+        window, shift = resolve_window((height, width), window_size, shift_size, rule)
+    pad_h, pad_w = -height % window[0], -width % window[1]
+    # While tracing, pad and crop unconditionally: a branch on the traced size would make
+    # compiled graphs specialise (and recompile) on whether a map needs padding.
+    padded = is_tracing() or bool(pad_h or pad_w)
+    if padded:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (B, Hp, Wp, C)
+    x = attn(x, window, shift)
+    if is_tracing():
+        # A gather, not a slice: a slice's strides depend on whether the map was padded, which
+        # a compiled graph would guard on.
+        x = x.index_select(1, torch.arange(height, device=x.device))
+        x = x.index_select(2, torch.arange(width, device=x.device))
+    elif padded:
+        x = x[:, :height, :width]
+    return x
+
+
 class SwinBlock(nn.Module):
     """Pre-norm block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``, on ``(B, H, W, C)``.
 
@@ -88,20 +168,7 @@ class SwinBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path)
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
-        batch, height, width, _ = x.shape
-        window, shift = resolve_window(
-            (height, width), self.window_size, self.shift_size, self.window_rule
-        )
-        pad_h, pad_w = -height % window[0], -width % window[1]
-        # While tracing, pad and crop unconditionally: a branch on the traced size would make
-        # compiled graphs specialise (and recompile) on whether a map needs padding.
-        padded = is_tracing() or bool(pad_h or pad_w)
-        if padded:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (B, Hp, Wp, C)
-        x = self.attn(x, window, shift)
-        if padded:
-            x = x[:, :height, :width]
-        return x
+        return attend_in_windows(self.attn, x, self.window_size, self.shift_size, self.window_rule)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path1(self._attention(self.norm1(x)))

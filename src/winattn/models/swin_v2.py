@@ -16,16 +16,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import DropPath, Mlp, PatchEmbed, PatchMerging
 from ..layers.attention_v2 import WindowAttentionV2
-from ..ops.traceable import is_tracing
 from .base import SwinBackbone
 from .registry import register_model
-from .swin import ClassifierHead, SwinConfig, WindowRule, _init_weights, resolve_window, to_2tuple
+from .swin import (
+    ClassifierHead,
+    SwinConfig,
+    WindowRule,
+    _init_weights,
+    attend_in_windows,
+    resolve_window,
+    to_2tuple,
+)
 
 
 class SwinV2Block(nn.Module):
@@ -60,20 +66,7 @@ class SwinV2Block(nn.Module):
         self.drop_path2 = DropPath(drop_path)
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
-        batch, height, width, _ = x.shape
-        window, shift = resolve_window(
-            (height, width), self.window_size, self.shift_size, self.window_rule
-        )
-        pad_h, pad_w = -height % window[0], -width % window[1]
-        # While tracing, the pad is a function of the traced size: always emit it (a no-op when
-        # zero) rather than branching on it, so one graph serves every size.
-        padded = is_tracing() or pad_h or pad_w
-        if padded:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (B, Hp, Wp, C)
-        x = self.attn(x, window, shift)
-        if padded:
-            x = x[:, :height, :width]
-        return x
+        return attend_in_windows(self.attn, x, self.window_size, self.shift_size, self.window_rule)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path1(self.norm1(self._attention(x)))
