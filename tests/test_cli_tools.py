@@ -52,16 +52,12 @@ def test_export_runs_in_onnxruntime_and_rejects_old_opsets(tmp_path, capsys):
     assert main(["export", "--model", name, "--checkpoint", str(tmp_path / "demo.pth"),
                  "--out", str(out)]) == 0
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    for batch in (1, 3):  # the default for a model below the general size: dynamic batch
-        x = torch.randn(batch, 3, 16, 16)
+    # The default export is fully dynamic: the model's own size (second map = window, unshifted),
+    # a larger non-square one and a smaller one (windows shrunk), one file.
+    for batch, height, width in [(1, 16, 16), (3, 32, 48), (2, 10, 10)]:
+        assert winattn.export.dynamic_graph_is_exact(model, height, width)
+        x = torch.randn(batch, 3, height, width)
         with torch.no_grad():
             expected = model(x).numpy()
         got = session.run(None, {"images": x.numpy()})[0]
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
-
-
-def test_fully_dynamic_export_warns_when_it_excludes_the_models_own_size(tmp_path):
-    pytest.importorskip("onnxscript")
-    model = winattn.create_model("swin_demo_patch2_window4_16").eval()
-    with pytest.warns(UserWarning, match=r"exact for inputs of at least 33x33 pixels"):
-        winattn.export_onnx(model, tmp_path / "m.onnx", dynamic=True)

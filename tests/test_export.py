@@ -14,11 +14,11 @@ import swin_peers
 import torch
 
 import winattn
-from winattn.export import example_size, general_input_size
+from winattn.export import dynamic_graph_is_exact, example_size, stage_sizes
 from winattn.models.swin import SwinConfig, SwinTransformer
 from winattn.models.swin_v2 import SwinTransformerV2, SwinV2Config
 from winattn.ops import window_attention
-from winattn.ops.traceable import traceable_window_attention
+from winattn.ops.traceable import shape_generic, traceable_window_attention
 
 TINY = dict(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4)
 
@@ -26,10 +26,16 @@ TINY = dict(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_s
 randomize_ = functools.partial(swin_peers.randomize_, straddle_clamp=True)
 
 
-def tiny(version: int) -> torch.nn.Module:
+def tiny(version: int, window_rule: str = "official") -> torch.nn.Module:
     if version == 1:
-        return randomize_(SwinTransformer(SwinConfig(**TINY)))
-    return randomize_(SwinTransformerV2(SwinV2Config(**TINY)))
+        return randomize_(SwinTransformer(SwinConfig(**TINY, window_rule=window_rule)))
+    return randomize_(SwinTransformerV2(SwinV2Config(**TINY, window_rule=window_rule)))
+
+
+# Sizes that put TINY's two stages (window 4; maps of side/4 and side/8) in every regime:
+# larger than the window, equal to it (shift dropped), square below it (window shrunk),
+# non-square with one side below it, and both below it but unequal.
+REGIME_SIZES = [(57, 43), (96, 72), (32, 32), (20, 20), (4, 4), (8, 40), (13, 17), (24, 28)]
 
 
 # ---------------------------------------------------------------- the shape-generic path
@@ -62,22 +68,46 @@ def test_traceable_path_matches_reference(grid, window, shift):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("window_rule", ["official", "timm", "torchvision"])
+@pytest.mark.parametrize("version", [1, 2])
+def test_traced_window_decisions_match_eager(version, window_rule):
+    """The path an exported graph takes (window decisions as tensors of the size) computes the
+    eager model at every size that dynamic_graph_is_exact promises, and only there."""
+    torch.manual_seed(0)
+    model = tiny(version, window_rule).eval()
+    for height, width in REGIME_SIZES:
+        x = torch.randn(2, 3, height, width)
+        with torch.no_grad():
+            eager = model(x)
+            with shape_generic():
+                traced = model(x)
+        if dynamic_graph_is_exact(model, height, width):
+            torch.testing.assert_close(traced, eager, atol=1e-5, rtol=0)
+        else:
+            # Only "official" on a non-square map below the window, where the official window
+            # depends on the input; the graph shrinks per axis there instead.
+            assert window_rule == "official"
+            assert (traced - eager).abs().max() > 1e-3
+
+
+def test_dynamic_graph_is_exact_names_the_official_non_square_shrink():
+    model = tiny(1)
+    assert stage_sizes(model, 24, 28) == [(6, 7), (3, 4)]
+    assert not dynamic_graph_is_exact(model, 24, 28)  # (3, 4): shorter side below 4
+    assert dynamic_graph_is_exact(model, 20, 20)  # square: the shrunk window is the map
+    assert dynamic_graph_is_exact(model, 32, 40)  # (4, 5): shorter side equals the window
+    assert dynamic_graph_is_exact(tiny(1, "timm"), 24, 28)
+
+
 # ---------------------------------------------------------------- ONNX
 def test_export_rejects_old_opset(tmp_path):
     with pytest.raises(ValueError, match=r"opset=16 .*>= 17"):
         winattn.export_onnx(tiny(2), tmp_path / "m.onnx", opset=16)
 
 
-def test_example_size_is_above_the_general_size_and_pads_every_stage():
-    for version in (1, 2):
-        model = tiny(version)
-        height, width = example_size(model)
-        low_h, low_w = general_input_size(model)
-        assert (height, width) != (width, height) and height >= low_h and width >= low_w
-        feature = -(-height // 4)
-        for stage in range(2):
-            feature = feature if stage == 0 else -(-feature // 2)
-            assert feature % 4 and feature > 4
+def test_example_size_is_the_own_size_made_non_square():
+    model = tiny(1)
+    assert example_size(model) == (32, 36)
 
 
 def _onnx_matches(version: int, tmp_path) -> None:
@@ -86,8 +116,11 @@ def _onnx_matches(version: int, tmp_path) -> None:
     model = tiny(version)
     path = winattn.export_onnx(model, tmp_path / "model.onnx", opset=18)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    # general size for TINY: 33; three sizes, two batch sizes, odd and non-square sides.
-    for batch, height, width in [(1, 40, 56), (3, 57, 43), (2, 96, 72)]:
+    # Every regime: above the window, the model's own size (last map = window: no shift),
+    # square below it (window shrunk), odd and non-square sides, three batch sizes.
+    sizes = [(1, 40, 56), (3, 57, 43), (2, 96, 72), (1, 32, 32), (2, 20, 20), (1, 4, 4)]
+    for batch, height, width in sizes:
+        assert dynamic_graph_is_exact(model, height, width)
         x = torch.randn(batch, 3, height, width)
         with torch.no_grad():
             expected = model(x).numpy()
@@ -127,3 +160,11 @@ def test_compile_fullgraph_no_recompile_across_resolutions(version):
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=0)
     assert len(graphs) == 1
+    # Into the regime where the map's height is the window (one window, no shift): the window
+    # decision is a tensor in the graph, but PyTorch specialises a window count of 1 (a
+    # contiguity guard), so this costs exactly one more graph; back to the first regime, none.
+    for height, width in [(16, 20), (16, 28), (40, 48)]:
+        x = torch.randn(2, 3, height, width)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=0)
+    assert len(graphs) == 2

@@ -1,14 +1,13 @@
 """ONNX export of winattn models with dynamic batch, height and width.
 
 The windowed-attention operator switches to its shape-generic path while the exporter traces
-(``winattn.ops.traceable``), so one exported graph computes the model at any input size in the
-range the trace allows; see docs/export.md.
+(``winattn.ops.traceable``), and each block states its window decision as tensors of the traced
+size, so one exported graph computes the model at any input size; see docs/export.md.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 from torch import nn
@@ -19,46 +18,44 @@ from .models.swin import to_2tuple
 MIN_OPSET = 17
 
 
-def general_input_size(model: nn.Module) -> tuple[int, int]:
-    """The smallest (height, width) at which every stage's map is larger than its window.
+def stage_sizes(model: nn.Module, height: int, width: int) -> list[tuple[int, int]]:
+    """The (height, width) of every stage's feature map for an input of ``height x width``."""
+    config = model.config
+    feature = (-(-height // config.patch_size), -(-width // config.patch_size))
+    sizes = []
+    for stage in range(len(config.depths)):
+        if stage:
+            feature = (-(-feature[0] // 2), -(-feature[1] // 2))
+        sizes.append(feature)
+    return sizes
 
-    Below it, Swin shrinks windows or drops shifts (``window_rule``), a different function of
-    the input size; an exported graph covers one regime, this one.
+
+def dynamic_graph_is_exact(model: nn.Module, height: int, width: int) -> bool:
+    """Whether a ``dynamic=True`` export computes ``model`` exactly at ``height x width``.
+
+    The graph makes each block's window decision at run time (``window_rule``), so it is exact
+    at every size, except under ``window_rule="official"`` on a non-square stage map whose
+    shorter side is below the window: the official rule then cuts the longer side into windows
+    of the shorter side's extent (a window that depends on the input), where the graph shrinks
+    each axis to its own extent instead.
     """
     config = model.config
+    if getattr(config, "window_rule", "official") != "official":
+        return True
     window = to_2tuple(config.window_size, "window_size")
-    stride = config.patch_size * 2 ** (len(config.depths) - 1)
-    return stride * window[0] + 1, stride * window[1] + 1
+    for h, w in stage_sizes(model, height, width):
+        if h != w and (min(h, w) < window[0] or min(h, w) < window[1]):
+            return False
+    return True
 
 
 def example_size(model: nn.Module) -> tuple[int, int]:
-    """A traceable (height, width) for export: above :func:`general_input_size`, height and
-    width different (so the tracer keeps them independent), and every stage's map needing
-    window padding (so a block that pads only when needed still puts its pad in the graph; a
-    zero pad then serves sizes that need none)."""
-    config = model.config
-    window = to_2tuple(config.window_size, "window_size")
-    base = general_input_size(model)
-    stride = config.patch_size * 2 ** (len(config.depths) - 1)
-
-    def pads_everywhere(size: int, w: int) -> bool:
-        feature = -(-size // config.patch_size)
-        for stage in range(len(config.depths)):
-            if stage:
-                feature = -(-feature // 2)
-            if feature % w == 0:
-                return False
-        return True
-
-    sizes = []
-    for axis in range(2):
-        size = base[axis] + axis * config.patch_size  # odd multiples keep H != W
-        while not pads_everywhere(size, window[axis]) and size < base[axis] + 64 * stride:
-            size += config.patch_size
-        sizes.append(size)
-    if sizes[0] == sizes[1]:
-        sizes[1] += config.patch_size
-    return sizes[0], sizes[1]
+    """The (height, width) traced for a dynamic export: the model's own size, with the width
+    one patch wider when it is square (equal sizes would be traced as one symbol)."""
+    height, width = model.data_config["input_size"][1:]
+    if height == width:
+        width += model.config.patch_size
+    return height, width
 
 
 def export_onnx(
@@ -72,19 +69,18 @@ def export_onnx(
     """Export ``model`` (images -> outputs) to an ONNX file.
 
     With ``dynamic=True`` the batch, height and width axes of the input are symbolic: one file
-    serves every input size of at least :func:`general_input_size` (every stage's map larger
-    than the window; smaller inputs follow another window rule, and the graph does not check).
-    Patch, merge and window padding are traced as functions of the size. The trace runs in
-    eval mode on ``example_input`` (default: batch 2 at :func:`example_size`).
+    serves every input size. Patch, merge and window padding, each block's shift and window
+    shrinking are computed from the size inside the graph; the one size range where the graph
+    is not exact is a non-square map below the window under ``window_rule="official"``
+    (:func:`dynamic_graph_is_exact`). The trace runs in eval mode on ``example_input``
+    (default: batch 2 at :func:`example_size`).
 
     Args:
         model: a winattn model (``create_model``), or any module taking ``(B, C, H, W)`` images.
         path: the ``.onnx`` file to write.
         opset: ONNX opset, at least 17.
-        dynamic: True: symbolic batch/height/width, exact for inputs of at least
-            :func:`general_input_size` per side (a warning says so when that excludes the
-            model's own size); ``"batch"``: symbolic batch, height and width fixed at the
-            model's own size (``data_config``), exact there; False: fixed to
+        dynamic: True: symbolic batch/height/width; ``"batch"``: symbolic batch, height and
+            width fixed at the model's own size (``data_config``); False: fixed to
             ``example_input``'s shape.
         example_input: the tensor to trace with.
 
@@ -116,22 +112,12 @@ def export_onnx(
         raise ValueError(f"dynamic must be True, False or 'batch', got {dynamic!r}")
     own_size = tuple(model.data_config["input_size"][1:])
     if example_input is None:
-        size = own_size if dynamic == "batch" else example_size(model)
+        size = example_size(model) if dynamic is True else own_size
         example_input = torch.randn(2, model.config.in_chans, *size)
     dynamic_shapes = None
     if dynamic:
         dim = torch.export.Dim.DYNAMIC
         dynamic_shapes = ({0: dim} if dynamic == "batch" else {0: dim, 2: dim, 3: dim},)
-    if dynamic is True:
-        low = general_input_size(model)
-        if own_size[0] < low[0] or own_size[1] < low[1]:
-            warnings.warn(
-                f"the exported graph is exact for inputs of at least {low[0]}x{low[1]} pixels; "
-                f"the model's own size {own_size[0]}x{own_size[1]} is below that (a window "
-                f"shrinks or a shift is dropped there) and would give other outputs: export "
-                f"with dynamic='batch' for that size",
-                stacklevel=2,
-            )
     was_training = model.training
     model.eval()
     try:

@@ -28,11 +28,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
     p.add_argument(
         "--shape",
-        choices=("auto", "dynamic", "batch", "static"),
-        default="auto",
-        help="dynamic: symbolic batch/height/width (exact at or above the general minimum size); "
-        "batch: symbolic batch at the model's own size; auto: dynamic when that covers the "
-        "model's own size, else batch",
+        choices=("dynamic", "batch", "static"),
+        default="dynamic",
+        help="dynamic: symbolic batch/height/width; batch: symbolic batch at the model's own "
+        "size; static: the model's own size, batch 2",
     )
     p.set_defaults(func=cmd_export)
 
@@ -64,19 +63,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model, _, _, _ = load_model_for_inference(args.checkpoint, args.model)
     shape = args.shape
-    if shape == "auto":
-        low = winattn.export.general_input_size(model)
-        own = tuple(model.data_config["input_size"][1:])
-        shape = "dynamic" if own[0] >= low[0] and own[1] >= low[1] else "batch"
     dynamic = {"dynamic": True, "batch": "batch", "static": False}[shape]
     path = winattn.export_onnx(model.eval(), args.out, opset=args.opset, dynamic=dynamic)
     size = "x".join(map(str, model.data_config["input_size"][1:]))
     what = {
-        "dynamic": "dynamic batch/height/width, exact from "
-        + "x".join(map(str, winattn.export.general_input_size(model)))
-        + " pixels up",
+        "dynamic": "dynamic batch/height/width",
         "batch": f"dynamic batch at {size} pixels",
-        "static": "fixed input shape",
+        "static": f"fixed input shape 2x3x{size}",
     }[shape]
     print(f"exported {type(model).__name__} to {path} (opset {args.opset}, {what})")
     return 0
