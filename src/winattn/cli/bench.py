@@ -28,12 +28,12 @@ PRESETS = {
     "default": dict(
         models=["swin_tiny_patch4_window7_224"], batches=[1, 8], dtypes=["fp32", "bf16"],
         train_dtypes=["fp32", "bf16"], resolutions=[224, 512, 1024], repeats=5, warmup=1,
-        train_repeats=3,
+        train_repeats=7,
     ),
     "full": dict(
         models=list(cases.VARIANTS), batches=[1, 8], dtypes=["fp32", "bf16"],
         train_dtypes=["fp32", "bf16"], resolutions=[224, 448, 512, 768, 1024], repeats=7,
-        warmup=1, train_repeats=3,
+        warmup=1, train_repeats=7,
     ),
 }
 SECTIONS = ("inference", "training", "features", "operator")

@@ -7,6 +7,13 @@ from pathlib import Path
 from .bench_cases import SHORT
 
 
+def _paths(peaks: dict, dtype: str) -> str:
+    """``" (BLAS x, oneDNN y)"`` when the run recorded both paths (runs before that did not)."""
+    names = [("BLAS", f"{dtype}_blas"), ("oneDNN", f"{dtype}_onednn")]
+    parts = [f"{label} {peaks[key]:.0f}" for label, key in names if key in peaks]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _ratio(stats: dict) -> str:
     return f"{stats['speedup_of_winattn']:.2f}x"
 
@@ -23,8 +30,11 @@ def write_markdown(results: dict, path: Path) -> str:
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         f"- commit: {results['commit']}",
         f"- command: `{results['command']}` (preset {results['preset']})",
-        f"- measured matmul peak (2048^3, best of 8, start and end of the run): fp32 {results['peak_gflops']['fp32']:.1f} "
-        f"GFLOP/s, bf16 {results['peak_gflops']['bf16']:.1f} GFLOP/s; copy bandwidth "
+        "- measured matmul peak (2048^3, best of 8, start and end of the run, the faster of "
+        f"BLAS and oneDNN): fp32 {results['peak_gflops']['fp32']:.1f} GFLOP/s"
+        f"{_paths(results['peak_gflops'], 'fp32')}, bf16 "
+        f"{results['peak_gflops']['bf16']:.1f} GFLOP/s{_paths(results['peak_gflops'], 'bf16')}; "
+        "copy bandwidth "
         f"{results['copy_gbps']:.1f} GB/s (read + write)",
         "- GFLOP/s: the model's nominal FLOPs (PyTorch's FLOP counter on timm's model) over the "
         "median time; 'of peak' divides by the measured matmul peak of that dtype",
