@@ -6,7 +6,7 @@ import torch
 
 from winattn import window_attention
 from winattn.cli.bench import _dense_mask, _peer_window_path
-from winattn.cli.bench_cases import summarise, time_interleaved
+from winattn.cli.bench_cases import matmul_peak, summarise, time_interleaved
 
 
 def test_peer_path_and_dense_mask_compute_the_operator():
@@ -31,3 +31,11 @@ def test_summary_ratios_are_peer_over_winattn():
     assert summary["peer"]["speedup_of_winattn"] == 2.0
     assert summary["winattn"]["median_ms"] == 2000.0
     assert len(times["peer"]) == 3
+
+
+def test_matmul_peak_is_the_faster_of_the_measured_paths():
+    peaks = matmul_peak(size=64, repeats=1)
+    for dtype in ("fp32", "bf16"):
+        paths = [value for key, value in peaks.items() if key.startswith(f"{dtype}_")]
+        assert f"{dtype}_blas" in peaks and paths
+        assert peaks[dtype] == max(paths) > 0
