@@ -244,3 +244,9 @@ class WindowAttentionV2(nn.Module):
                 scale=1.0,
             )  # (B, H, W, heads, d)
         return self.proj_drop(self.proj(out.reshape(batch, height, width, channels)))
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, "
+            f"pretrained_window_size={self.pretrained_window_size}"
+        )

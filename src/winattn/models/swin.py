@@ -123,11 +123,12 @@ def attend_in_windows(
     pad_h, pad_w = -height % window[0], -width % window[1]
     # While tracing, pad and crop unconditionally: a branch on the traced size would make
     # compiled graphs specialise (and recompile) on whether a map needs padding.
-    padded = is_tracing() or bool(pad_h or pad_w)
+    tracing = is_tracing()
+    padded = tracing or bool(pad_h or pad_w)
     if padded:
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (B, Hp, Wp, C)
     x = attn(x, window, shift)
-    if is_tracing():
+    if tracing:
         # A gather, not a slice: a slice's strides depend on whether the map was padded, which
         # a compiled graph would guard on.
         x = x.index_select(1, torch.arange(height, device=x.device))

@@ -100,6 +100,12 @@ class TracedWindows(NamedTuple):
 Shift = Union[int, torch.Tensor]
 
 
+def _moves(shift: Shift) -> bool:
+    """Whether an axis may be shifted: any tensor shift (its value is only known at run time),
+    or a positive int."""
+    return isinstance(shift, torch.Tensor) or shift > 0
+
+
 def _axis_geometry(
     size, window: int, shift: Shift, limit: torch.Tensor | None, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]:
@@ -111,10 +117,8 @@ def _axis_geometry(
     # modulo by the traced size, which the ONNX converter cannot lower.
     source = shifted + shift
     source = torch.where(source >= padded, source - padded, source)
-    if isinstance(shift, torch.Tensor):
-        # A shift of 0 makes the second test false everywhere: one region per window.
-        region = (shifted >= padded - window).long() + (shifted >= padded - shift).long()
-    elif shift > 0:
+    if _moves(shift):
+        # A tensor shift of 0 makes the second test false everywhere: one region per window.
         region = (shifted >= padded - window).long() + (shifted >= padded - shift).long()
     else:
         region = torch.zeros_like(shifted)
@@ -166,7 +170,7 @@ def traceable_window_attention(
     counts = [p // w for p, w in zip(padded, window_size)]  # windows per axis
     # Axes that move: the cyclic shift is a gather by ``source`` (a tensor shift cannot go
     # through torch.roll), undone by the inverse gather.
-    moving = [a for a, s in enumerate(shift_size) if isinstance(s, torch.Tensor) or s > 0]
+    moving = [a for a, s in enumerate(shift_size) if _moves(s)]
 
     def to_windows(t: torch.Tensor) -> torch.Tensor:
         pad: list = [0, 0, 0, 0]  # head_dim, heads
