@@ -227,3 +227,70 @@ def winattn_create(name):
     from winattn import create_model
 
     return create_model(name, drop_path_rate=0.0).eval()
+
+
+# --------------------------------------------------------------------------- grouped inference
+from winattn.models import swin as swin_module  # noqa: E402
+from winattn.ops.backends.sdpa import explicit_attention  # noqa: E402
+
+
+@pytest.mark.parametrize("mask_rows", [None, 1, 4, 12])
+def test_explicit_attention_matches_dense_in_float64(mask_rows):
+    gen = torch.Generator().manual_seed(2)
+    rows, heads, tokens, head_dim = 12, 3, 9, 8
+    qkv = torch.randn(rows, tokens, 3, heads, head_dim, generator=gen, dtype=torch.float64)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # strided views, as the model passes them
+    mask = None
+    logits = q @ k.transpose(-1, -2) * 0.3
+    if mask_rows is not None:
+        mask = torch.randn(mask_rows, heads, tokens, tokens, generator=gen, dtype=torch.float64)
+        logits = logits + mask.repeat(rows // mask_rows, 1, 1, 1)  # windows innermost
+    want = (logits.softmax(-1) @ v).transpose(1, 2)
+    torch.testing.assert_close(explicit_attention(q, k, v, mask, 0.3), want, rtol=1e-12, atol=1e-12)
+
+
+def _plain_and_grouped(monkeypatch, model, x, group_tokens, force=False):
+    """The model's output on the whole-stage path and on the grouped path, and how many
+    window runs the grouped path attended."""
+    runs = []
+    original = swin_module.WindowAttention.forward_window_rows
+
+    def counted(self, chunk, plan, first):
+        runs.append((chunk.shape[0], first))
+        return original(self, chunk, plan, first)
+
+    monkeypatch.setattr(swin_module.WindowAttention, "forward_window_rows", counted)
+    with torch.no_grad():
+        monkeypatch.setattr(swin_module, "WINDOW_GROUPS_FROM_TOKENS", 10**12)
+        plain = model(x)
+        monkeypatch.setattr(swin_module, "WINDOW_GROUPS_FROM_TOKENS", 0)
+        monkeypatch.setattr(swin_module, "WINDOW_GROUP_TOKENS", group_tokens)
+        if force:  # float64: the grouped path's bookkeeping checked exactly
+            monkeypatch.setattr(swin_module.SwinBlock, "_runs_in_window_groups",
+                                lambda self, t: not self.training)
+        grouped = model(x)
+    return plain, grouped, runs
+
+
+@pytest.mark.parametrize("group_tokens", [32, 80, 10**6])  # 2 windows, 5 -> 4 windows, images
+def test_grouped_inference_matches_whole_stage_exactly_in_float64(monkeypatch, group_tokens):
+    torch.manual_seed(0)
+    model = SwinTransformer(SwinConfig(**TINY)).double().eval()
+    x = torch.randn(3, 3, 30, 42, dtype=torch.float64)  # padded maps, shifted windows
+    plain, grouped, runs = _plain_and_grouped(monkeypatch, model, x, group_tokens, force=True)
+    assert runs and any(first > 0 for _, first in runs) == (group_tokens < 10**6)
+    torch.testing.assert_close(grouped, plain, rtol=1e-10, atol=1e-10)
+
+
+def test_grouped_bf16_inference_error_within_twice_the_whole_stage_error(monkeypatch):
+    torch.manual_seed(0)
+    model = SwinTransformer(SwinConfig(**TINY)).eval()
+    x = torch.randn(3, 3, 30, 42)
+    with torch.no_grad():
+        exact = model.double()(x.double())
+    model.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, grouped, runs = _plain_and_grouped(monkeypatch, model, x, 32)
+    assert runs
+    plain_error = (plain.double() - exact).abs().max()
+    assert (grouped.double() - exact).abs().max() <= 2 * plain_error + 1e-3

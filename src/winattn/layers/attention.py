@@ -6,7 +6,13 @@ import torch
 from torch import nn
 
 from ..ops import WindowPlan, window_attention
-from ..ops.backends.sdpa import attend_qkv, combine_mask, expand_to_batch
+from ..ops.backends.sdpa import (
+    attend_qkv,
+    combine_mask,
+    expand_to_batch,
+    explicit_attention,
+    prefers_matmuls,
+)
 from ..ops.traceable import TracedWindows, traceable_window_attention
 from . import fused
 from .position import relative_position_index
@@ -122,6 +128,32 @@ class WindowAttention(nn.Module):
             mask = self._cached_mask(plan, qkv.dtype, batch * windows)
         out = attend_qkv(q, k, v, mask, self.scale)  # (B*nW, N, heads, d)
         return self.proj_drop(fused.linear(out.view(batch, length, channels), self.proj))
+
+    def forward_window_rows(self, x: torch.Tensor, plan: WindowPlan, first: int) -> torch.Tensor:
+        """Inference on a run of whole windows of ``plan``, without gradients.
+
+        Args:
+            x: ``(rows, N, C)``: windows ``first .. first + rows - 1`` of one image, or whole
+                images (``first == 0`` and ``rows`` a multiple of ``plan.num_windows``).
+
+        Returns:
+            ``(rows, N, C)``. Bfloat16 on the CPU takes :func:`explicit_attention`, anything
+            else SDPA.
+        """
+        rows, tokens, channels = x.shape
+        qkv = fused.linear(x, self.qkv)  # (rows, N, 3C)
+        q, k, v = qkv.view(rows, tokens, 3, self.num_heads, self.head_dim).permute(
+            2, 0, 3, 1, 4
+        ).unbind(0)  # each (rows, heads, N, d)
+        windows = plan.num_windows
+        mask = self._cached_mask(plan, torch.float32, windows)  # (nW or 1, heads, N, N)
+        if mask is not None and mask.shape[0] == windows and rows < windows:
+            mask = mask[first : first + rows]
+        if prefers_matmuls(q):
+            out = explicit_attention(q, k, v, mask, self.scale)
+        else:
+            out = attend_qkv(q, k, v, None if mask is None else mask.to(q.dtype), self.scale)
+        return self.proj_drop(fused.linear(out.view(rows, tokens, channels), self.proj))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}"

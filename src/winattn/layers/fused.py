@@ -47,7 +47,8 @@ def _onednn_ready(x: torch.Tensor) -> bool:
     )
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the matmuls on ``x`` run in: autocast's on the CPU, else x's own."""
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
 
 
@@ -103,7 +104,7 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
 
     Under CPU autocast the matmul runs in the autocast dtype, as ``nn.Linear`` would.
     """
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     if _onednn_ready(x) and dtype in _ONEDNN_DTYPES and layer.weight.dtype in _ONEDNN_DTYPES:
         with torch.autocast("cpu", enabled=False):
             if not torch.is_grad_enabled():
@@ -130,7 +131,7 @@ class _NormMlpFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias):  # type: ignore[override]
         width = (x.shape[-1],)
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         with torch.autocast("cpu", enabled=False):
             normed, mean, rstd = torch.native_layer_norm(x, width, norm_weight, norm_bias, eps)
             pre = _matmul_forward(normed.to(dtype), fc1_weight.to(dtype), _cast(fc1_bias, dtype))
@@ -191,7 +192,7 @@ def norm_mlp(x: torch.Tensor, norm: nn.LayerNorm, fc1: nn.Linear, fc2: nn.Linear
     memory-lean autograd Function (:class:`_NormMlpFunction`) with them, on CPU."""
     if not torch.is_grad_enabled():
         return linear(linear(norm(x), fc1, gelu=True), fc2)
-    usable = _onednn_ready(x) and _compute_dtype(x) in _ONEDNN_DTYPES
+    usable = _onednn_ready(x) and compute_dtype(x) in _ONEDNN_DTYPES
     if not usable or not isinstance(norm, nn.LayerNorm) or norm.weight is None:
         return fc2(F.gelu(fc1(norm(x))))
     return _NormMlpFunction.apply(

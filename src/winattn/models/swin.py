@@ -192,6 +192,8 @@ class SwinBlock(nn.Module):
         order. ``padding`` ``(L, 1)`` (True on padded slots) zeroes them after ``norm1``, as the
         grid path's zero-padding does; what the padded slots hold otherwise is never read.
         """
+        if self._runs_in_window_groups(x):
+            return self._forward_window_groups(x, plan, padding)
         attn_in = self.norm1(x)
         if padding is not None:
             attn_in = attn_in.masked_fill(padding, 0.0)
@@ -200,6 +202,71 @@ class SwinBlock(nn.Module):
         if mlp.drop1.p or mlp.drop2.p:
             return x + self.drop_path2(mlp(self.norm2(x)))
         return x + self.drop_path2(fused.norm_mlp(x, self.norm2, mlp.fc1, mlp.fc2))
+
+
+    def _runs_in_window_groups(self, x: torch.Tensor) -> bool:
+        """Bfloat16 inference on the CPU (autocast or a bf16 model) goes a few windows at a
+        time; measured faster there (docs/performance.md), and left alone elsewhere."""
+        return (
+            not torch.is_grad_enabled()
+            and not self.training
+            and x.device.type == "cpu"
+            and fused.compute_dtype(x) == torch.bfloat16
+            and x.shape[0] * x.shape[1] >= WINDOW_GROUPS_FROM_TOKENS
+        )
+
+    def _forward_window_groups(
+        self, x: torch.Tensor, plan: WindowPlan, padding: torch.Tensor | None
+    ) -> torch.Tensor:
+        """:meth:`forward_windows` for inference, a group of windows at a time.
+
+        In window order the whole block is per window, so each group's intermediates (the qkv
+        projection, the attention logits, the MLP's hidden layer) stay in the CPU's cache
+        instead of streaming through memory at full-batch size.
+        """
+        batch, length, channels = x.shape
+        windows, tokens = plan.num_windows, plan.window_tokens
+        rows = batch * windows
+        group = window_group_size(windows, tokens)
+        x_rows = x.reshape(rows, tokens, channels)
+        out = torch.empty_like(x_rows)
+        pad = None if padding is None else padding.view(windows, tokens, 1)
+        mlp = self.mlp
+        for start in range(0, rows, group):
+            size = min(group, rows - start)
+            first = start % windows
+            chunk = x_rows[start : start + size]  # (size, N, C)
+            attn_in = self.norm1(chunk)
+            if pad is not None and size < windows:
+                attn_in = attn_in.masked_fill(pad[first : first + size], 0.0)
+            elif pad is not None:  # whole images
+                attn_in = attn_in.view(-1, windows, tokens, channels).masked_fill(pad, 0.0)
+                attn_in = attn_in.view(size, tokens, channels)
+            y = chunk + self.attn.forward_window_rows(attn_in, plan, first)
+            out[start : start + size] = y + fused.norm_mlp(y, self.norm2, mlp.fc1, mlp.fc2)
+        return out.view(batch, length, channels)
+
+
+#: Tokens per group of :meth:`SwinBlock._forward_window_groups`: 64 windows of 7x7 measured
+#: best on a 2-core Zen 4 (larger groups fall out of its 1 MiB L2, smaller ones pay per-call
+#: overhead).
+WINDOW_GROUP_TOKENS = 3136
+
+#: Fewest tokens in a stage (batch included) for which grouping pays: below, the whole stage
+#: fits in cache anyway and SDPA on all windows at once is faster.
+WINDOW_GROUPS_FROM_TOKENS = 6144
+
+
+def window_group_size(windows: int, tokens: int) -> int:
+    """Windows per group: about :data:`WINDOW_GROUP_TOKENS` tokens, and either a divisor of an
+    image's ``windows`` or a multiple of it, so that a group never straddles two images part
+    way (its mask is then one slice of the per-window mask, or all of it)."""
+    group = max(1, WINDOW_GROUP_TOKENS // tokens)
+    if group >= windows:
+        return group // windows * windows
+    while windows % group:
+        group -= 1
+    return group
 
 
 class SwinStage(nn.Module):

@@ -83,6 +83,38 @@ def _fused_attention(
     return out.transpose(1, 2).contiguous()  # (B*nW, N, heads, d)
 
 
+def explicit_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Attention as two batched matmuls around a softmax, for bfloat16 on the CPU, where SDPA's
+    fused kernel is slower at Swin's window sizes.
+
+    The matmuls run in q's dtype; the scale, the mask and the softmax in float32 (as autocast
+    runs timm's: its bf16 logits meet a float32 bias). ``mask`` ``(m, heads, N, M)`` with
+    ``m`` dividing the rows (windows innermost), or None. Returns ``(rows, N, heads, d)``
+    contiguous, like :func:`_fused_attention`.
+    """
+    rows, heads, tokens, _ = q.shape
+    work = torch.promote_types(q.dtype, torch.float32)
+    logits = torch.matmul(q.contiguous(), k.contiguous().transpose(-1, -2))  # (rows, h, N, M)
+    if mask is None:
+        scores = logits.to(work).mul_(scale)
+    else:
+        windows = mask.shape[0]
+        grouped = logits.view(rows // windows, windows, *logits.shape[1:])
+        scores = torch.add(mask.to(work), grouped, alpha=scale).view(logits.shape)
+    del logits
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    del scores
+    return torch.matmul(probs, v.contiguous()).transpose(1, 2).contiguous()
+
+
+def prefers_matmuls(q: torch.Tensor) -> bool:
+    """Whether :func:`explicit_attention` beats SDPA for q: bfloat16 on the CPU (measured in
+    docs/performance.md; float32 stays with SDPA, which wins there)."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16
+
+
 class _WindowAttentionFunction(torch.autograd.Function):
     """Attention inside windows that stores q, k, v (views of their producer) and the output,
     never the ``(B*nW, heads, N, N)`` attention matrix: backward recomputes it.
@@ -93,11 +125,15 @@ class _WindowAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale: float):  # type: ignore[override]
-        expanded = None if mask is None else expand_to_batch(mask, q.shape[0])
-        # Detached, so SDPA takes its fused kernel (it refuses a mask that wants a gradient).
-        detached = None if expanded is None else expanded.detach()
         with torch.no_grad():
-            out = _fused_attention(q.detach(), k.detach(), v.detach(), detached, scale)
+            if prefers_matmuls(q) and (mask is None or q.shape[0] % mask.shape[0] == 0):
+                out = explicit_attention(q, k, v, mask, scale)
+            else:
+                expanded = None if mask is None else expand_to_batch(mask, q.shape[0])
+                # Detached, so SDPA takes its fused kernel (it refuses a mask that wants a
+                # gradient).
+                detached = None if expanded is None else expanded.detach()
+                out = _fused_attention(q.detach(), k.detach(), v.detach(), detached, scale)
         ctx.save_for_backward(q, k, v, mask, out)
         ctx.scale = scale
         return out
