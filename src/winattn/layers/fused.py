@@ -61,6 +61,16 @@ def _matmul_forward(
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+def _grad_input(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``grad @ weight`` for a linear layer's backward, ``(T, out) -> (T, in)``: in bfloat16
+    ``mm`` on the untransposed weight (measured 13% faster on Swin-T's shapes); in float32 a
+    oneDNN "linear" against a transposed copy of the weight (the BLAS runs at half of oneDNN's
+    rate there)."""
+    if grad.dtype == torch.bfloat16:
+        return torch.mm(grad, weight)
+    return _matmul_forward(grad, weight.t().contiguous(), None)
+
+
 class _LinearFunction(torch.autograd.Function):
     """``F.linear`` whose forward matmul runs through oneDNN (faster than the BLAS ``addmm``
     on the CPUs measured); backward is autograd's (two ``mm`` and a sum). Inputs arrive
@@ -78,8 +88,7 @@ class _LinearFunction(torch.autograd.Function):
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (T, out)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            # grad @ W as a oneDNN "linear" against W^T (a small copy of the weight).
-            grad_x = _matmul_forward(grad_2d, weight.t().contiguous(), None).view(x.shape)
+            grad_x = _grad_input(grad_2d, weight).view(x.shape)
         if ctx.needs_input_grad[1]:
             grad_w = grad_2d.t() @ x.reshape(-1, x.shape[-1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -151,7 +160,7 @@ class _NormMlpFunction(torch.autograd.Function):
             hidden = F.gelu(pre).reshape(-1, pre.shape[-1])  # (T, 4C) recomputed
             grad_fc2_weight = (grad_out.t() @ hidden).to(fc2_weight.dtype)
             grad_fc2_bias = grad_out.sum(0).to(fc2_weight.dtype) if ctx.has_bias[1] else None
-            grad_hidden = _matmul_forward(grad_out, fc2_weight.to(dtype).t().contiguous(), None)
+            grad_hidden = _grad_input(grad_out, fc2_weight.to(dtype))
             del hidden
             grad_pre = torch.ops.aten.gelu_backward(grad_hidden, pre.reshape(grad_hidden.shape))
             del grad_hidden
@@ -159,7 +168,7 @@ class _NormMlpFunction(torch.autograd.Function):
             normed = normed * norm_weight + norm_bias if norm_weight is not None else normed
             grad_fc1_weight = (grad_pre.t() @ normed.to(dtype)).to(fc1_weight.dtype)
             grad_fc1_bias = grad_pre.sum(0).to(fc1_weight.dtype) if ctx.has_bias[0] else None
-            grad_normed = _matmul_forward(grad_pre, fc1_weight.to(dtype).t().contiguous(), None)
+            grad_normed = _grad_input(grad_pre, fc1_weight.to(dtype))
             grad_normed = grad_normed.to(x.dtype).view(x.shape)
             grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
                 grad_normed,
