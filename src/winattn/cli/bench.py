@@ -262,7 +262,7 @@ def _dense_mask(height: int, width: int, window: int, shift: int, bias: torch.Te
 def operator_section(settings: dict, results: dict) -> list[dict]:
     """The attention alone at Swin-T's stage-1 and stage-3 shapes (shifted windows, bias)."""
     from ..ops import plan_windows, window_attention
-    from ..ops.backends.sdpa import attend_qkv, combine_mask
+    from ..ops.backends.sdpa import attend_qkv, combine_mask, explicit_attention
 
     rows = []
     batch, window, shift, head_dim = 8, 7, 3, 32
@@ -285,11 +285,22 @@ def operator_section(settings: dict, results: dict) -> list[dict]:
                 "roll/partition/matmul": lambda: _peer_window_path(qkv, bias, window, shift),
                 "SDPA dense mask": lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dense),
             }
+            if dtype == torch.bfloat16:
+                # What the bf16 stages call instead of SDPA (float32 mask, softmax in float32).
+                folded32 = combine_mask(plan.mask_as(torch.float32), bias, torch.float32)
+                fns["winattn window-order, matmuls"] = lambda: explicit_attention(
+                    q_w, k_w, v_w, folded32, head_dim**-0.5
+                )
             with torch.no_grad():
                 ref = fns["roll/partition/matmul"]().float()
                 got = fns["winattn"]().float()
                 dense_out = fns["SDPA dense mask"]().transpose(1, 2).reshape(ref.shape).float()
                 tol = 1e-4 if dtype == torch.float32 else 5e-2
+                if "winattn window-order, matmuls" in fns:  # against the SDPA call, same layout
+                    err = (fns["winattn window-order, matmuls"]().float()
+                           - fns["winattn window-order"]().float()).abs().max().item()
+                    if err > 5e-2:
+                        raise AssertionError(f"operator {stage} {dtype_name}: matmul attention off by {err}")
                 for name, out in (("winattn", got), ("SDPA dense mask", dense_out)):
                     err = (out - ref).abs().max().item()
                     if err > tol:
