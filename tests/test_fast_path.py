@@ -294,3 +294,23 @@ def test_grouped_bf16_inference_error_within_twice_the_whole_stage_error(monkeyp
     assert runs
     plain_error = (plain.double() - exact).abs().max()
     assert (grouped.double() - exact).abs().max() <= 2 * plain_error + 1e-3
+
+
+def test_bf16_inference_weights_follow_updates_and_models_still_deepcopy():
+    import copy
+
+    torch.manual_seed(0)
+    model = SwinTransformer(SwinConfig(**TINY)).eval()
+    x = torch.randn(2, 3, 32, 32)
+
+    def run(m):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return m(x).float()
+
+    first = run(model)  # caches packed bf16 weights for every linear
+    twin = copy.deepcopy(model)  # the cache is not part of the module
+    torch.testing.assert_close(run(twin), first)
+    with torch.no_grad():
+        model.layers[0].blocks[0].mlp.fc1.weight.mul_(2.0)  # not to be served from the cache
+    assert not torch.allclose(run(model), first)
+    torch.testing.assert_close(run(model), run(copy.deepcopy(model)))

@@ -300,7 +300,9 @@ def operator_section(settings: dict, results: dict) -> list[dict]:
                     err = (fns["winattn window-order, matmuls"]().float()
                            - fns["winattn window-order"]().float()).abs().max().item()
                     if err > 5e-2:
-                        raise AssertionError(f"operator {stage} {dtype_name}: matmul attention off by {err}")
+                        raise AssertionError(
+                            f"operator {stage} {dtype_name}: matmul attention off by {err}"
+                        )
                 for name, out in (("winattn", got), ("SDPA dense mask", dense_out)):
                     err = (out - ref).abs().max().item()
                     if err > tol:
