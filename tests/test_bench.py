@@ -39,3 +39,29 @@ def test_matmul_peak_is_the_faster_of_the_measured_paths():
         paths = [value for key, value in peaks.items() if key.startswith(f"{dtype}_")]
         assert f"{dtype}_blas" in peaks and paths
         assert peaks[dtype] == max(paths) > 0
+
+
+def test_gpu_swin_benchmark_runs_its_cpu_dry_run(tmp_path):
+    """bench_gpu_swin.py can only be timed on a GPU; its dry run keeps the script working."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    pytest.importorskip("timm")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "swin.json"
+    env = dict(os.environ, PYTHONPATH=str(root / "src"))
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_gpu_swin.py"), "--device", "cpu",
+         "--smoke", "--models", "swin_tiny_patch4_window7_224", "--json", str(out)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["entry"] for r in rows] == ["winattn-fused", "winattn-window-order", "timm"]
+    assert all(r["infer_img_s"] > 0 and r["train_img_s"] > 0 for r in rows)
+    assert "| winattn-fused |" in done.stdout

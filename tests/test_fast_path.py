@@ -314,3 +314,40 @@ def test_bf16_inference_weights_follow_updates_and_models_still_deepcopy():
         model.layers[0].blocks[0].mlp.fc1.weight.mul_(2.0)  # not to be served from the cache
     assert not torch.allclose(run(model), first)
     torch.testing.assert_close(run(model), run(copy.deepcopy(model)))
+
+
+# --------------------------------------------------------------------------- attention path
+def test_attention_paths_compute_the_same_function_and_auto_is_window_order_on_cpu(monkeypatch):
+    torch.manual_seed(0)
+    model = SwinTransformer(SwinConfig(**TINY)).double().eval()
+    x = torch.randn(2, 3, 30, 42, dtype=torch.float64)
+    grid_calls = []
+    original = swin_module.SwinStage._forward_grid
+    monkeypatch.setattr(swin_module.SwinStage, "_forward_grid",
+                        lambda self, t: grid_calls.append(1) or original(self, t))
+    outputs = {}
+    with torch.no_grad():
+        for path in ("auto", "window-order", "grid"):
+            model.set_attention_path(path)
+            grid_calls.clear()
+            outputs[path] = model(x)
+            assert bool(grid_calls) == (path == "grid"), path
+    torch.testing.assert_close(outputs["grid"], outputs["window-order"], rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="path='flash'"):
+        model.set_attention_path("flash")
+
+
+def test_auto_path_expects_the_fused_kernel_only_on_cuda_with_triton(monkeypatch):
+    import types
+
+    cuda_like = types.SimpleNamespace(device=torch.device("cuda"))
+    cpu_like = types.SimpleNamespace(device=torch.device("cpu"))
+    monkeypatch.delenv("WINATTN_BACKEND", raising=False)
+    monkeypatch.setattr(swin_module, "triton_available", lambda: True)
+    assert swin_module.fused_kernel_expected(cuda_like)
+    assert not swin_module.fused_kernel_expected(cpu_like)
+    monkeypatch.setenv("WINATTN_BACKEND", "sdpa")  # another backend forced: keep window order
+    assert not swin_module.fused_kernel_expected(cuda_like)
+    monkeypatch.delenv("WINATTN_BACKEND")
+    monkeypatch.setattr(swin_module, "triton_available", lambda: False)
+    assert not swin_module.fused_kernel_expected(cuda_like)

@@ -95,6 +95,18 @@ class SwinBackbone(nn.Module):
         for stage in self.layers:
             stage.grad_checkpointing = enable
 
+    def set_attention_path(self, path: str = "auto") -> None:
+        """How the stages run attention (V1; V2's stages always take the grid path):
+        ``"window-order"`` (the CPU fast path), ``"grid"`` (operator calls, the fused Triton
+        kernel on CUDA) or ``"auto"`` (grid on CUDA with triton installed, else window order).
+        Both compute the same function; only speed differs."""
+        paths = ("auto", "window-order", "grid")
+        if path not in paths:
+            raise ValueError(f"path={path!r} is not one of {paths}")
+        for stage in self.layers:
+            if hasattr(stage, "attention_path"):
+                stage.attention_path = path
+
 
 def _init_weights(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):

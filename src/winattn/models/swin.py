@@ -9,6 +9,7 @@ Reads top to bottom: helpers -> block -> stage -> model -> config -> registered 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers import DropPath, Mlp, PatchEmbed, PatchMerging, WindowAttention, fused
 from ..ops import WindowPlan, plan_windows
+from ..ops.backends.triton_window import triton_available
 from ..ops.geometry import padded_token_mask, transition_index
 from ..ops.traceable import TracedWindows, is_tracing, use_traceable_path
 from .base import SwinBackbone, _init_weights, to_2tuple
@@ -35,6 +37,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #:     dropped when the padded axis is no longer than the window.
 WindowRule = Literal["official", "timm", "torchvision"]
 WINDOW_RULES = ("official", "timm", "torchvision")
+
+#: How a V1 stage runs its blocks' attention:
+#: "window-order": tokens kept in window order through the stage, attention by SDPA or, in
+#:     bf16 on the CPU, by matmuls (the CPU fast path);
+#: "grid": each block calls the operator on the grid layout, so the dispatcher's first backend
+#:     serves it: the fused Triton kernel on CUDA tensors where triton is installed;
+#: "auto": "grid" on CUDA with triton installed (and no other backend forced through
+#:     WINATTN_BACKEND), else "window-order".
+AttentionPath = Literal["auto", "window-order", "grid"]
+
+
+def fused_kernel_expected(x: torch.Tensor) -> bool:
+    """Whether the operator's dispatcher will hand ``x``'s attention to the Triton kernel."""
+    forced = os.environ.get("WINATTN_BACKEND") or None
+    return x.device.type == "cuda" and triton_available() and forced in (None, "triton")
 
 
 def resolve_window(
@@ -288,6 +305,7 @@ class SwinStage(nn.Module):
     ) -> None:
         super().__init__()
         self.grad_checkpointing = False
+        self.attention_path: AttentionPath = "auto"
         self.downsample = PatchMerging(dim, out_dim) if downsample else nn.Identity()
         self.blocks = nn.Sequential(
             *[
@@ -308,9 +326,10 @@ class SwinStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)  # (B, H, W, C)
-        if is_tracing():
-            # The window-order path bakes this shape's index maps into the graph; the grid
-            # path's operator calls take the shape-generic route that exporters keep dynamic.
+        if is_tracing() or self._takes_grid_path(x):
+            # Tracing: the window-order path bakes this shape's index maps into the graph; the
+            # grid path's operator calls take the shape-generic route that exporters keep
+            # dynamic. CUDA: the grid path is where the fused kernel serves.
             return self._forward_grid(x)
         batch, height, width, channels = x.shape
         plans = [block.plan(height, width, x.device) for block in self.blocks]
@@ -336,6 +355,11 @@ class SwinStage(nn.Module):
         last = plans[-1]
         x = last.reverse(tokens.view(batch, last.num_windows, last.window_tokens, channels))
         return x[:, :height, :width] if last.grid != (height, width) else x
+
+    def _takes_grid_path(self, x: torch.Tensor) -> bool:
+        if self.attention_path == "auto":
+            return fused_kernel_expected(x)
+        return self.attention_path == "grid"
 
     def _forward_grid(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
