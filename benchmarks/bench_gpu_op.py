@@ -175,7 +175,9 @@ def matmul_rate(device, warmup: int, repeats: int) -> float:
     return 2 * 8192**3 / (ms * 1e-3)
 
 
-def environment() -> dict:
+def environment(device: torch.device | None = None) -> dict:
+    """Device, versions and commit (``device`` defaults to CUDA's)."""
+    device = device or torch.device("cuda")
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -184,7 +186,7 @@ def environment() -> dict:
     except OSError:
         commit = ""
     info = {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.machine(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -35,8 +34,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from bench_gpu_op import environment  # this folder (a script's own folder is on sys.path)
 
-import winattn
 from winattn.cli.bench_cases import build_peers
 
 MODELS = ("swin_tiny_patch4_window7_224", "swin_base_patch4_window7_224")
@@ -122,22 +121,6 @@ def training_fn(
         optimizer.zero_grad(set_to_none=True)
 
     return step
-
-
-def environment(device: torch.device) -> dict:
-    info = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "winattn": winattn.__version__,
-    }
-    for module in ("triton", "timm"):
-        try:
-            info[module] = __import__(module).__version__
-        except ImportError:
-            info[module] = None
-    return info
 
 
 def main() -> None:
