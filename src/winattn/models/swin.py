@@ -50,8 +50,9 @@ AttentionPath = Literal["auto", "window-order", "grid"]
 
 def fused_kernel_expected(x: torch.Tensor) -> bool:
     """Whether the operator's dispatcher will hand ``x``'s attention to the Triton kernel."""
-    forced = os.environ.get("WINATTN_BACKEND") or None
-    return x.device.type == "cuda" and triton_available() and forced in (None, "triton")
+    if x.device.type != "cuda" or not triton_available():
+        return False
+    return (os.environ.get("WINATTN_BACKEND") or "triton") == "triton"
 
 
 def resolve_window(
@@ -220,10 +221,10 @@ class SwinBlock(nn.Module):
             return x + self.drop_path2(mlp(self.norm2(x)))
         return x + self.drop_path2(fused.norm_mlp(x, self.norm2, mlp.fc1, mlp.fc2))
 
-
     def _runs_in_window_groups(self, x: torch.Tensor) -> bool:
-        """Bfloat16 inference on the CPU (autocast or a bf16 model) goes a few windows at a
-        time; measured faster there (docs/performance.md), and left alone elsewhere."""
+        """Bfloat16 inference on the CPU (autocast or a bf16 model), on a stage of at least
+        :data:`WINDOW_GROUPS_FROM_TOKENS` tokens, goes a group of windows at a time: measured
+        faster there (docs/performance.md); everything else keeps the whole-stage path."""
         return (
             not torch.is_grad_enabled()
             and not self.training
@@ -265,8 +266,7 @@ class SwinBlock(nn.Module):
 
 
 #: Tokens per group of :meth:`SwinBlock._forward_window_groups`: 64 windows of 7x7 measured
-#: best on a 2-core Zen 4 (larger groups fall out of its 1 MiB L2, smaller ones pay per-call
-#: overhead).
+#: best of 16, 32, 64, 96 and 128 on a 2-core Zen 4 (Swin-T, batch 8, bf16).
 WINDOW_GROUP_TOKENS = 3136
 
 #: Fewest tokens in a stage (batch included) for which grouping pays: below, the whole stage
