@@ -351,3 +351,27 @@ def test_auto_path_expects_the_fused_kernel_only_on_cuda_with_triton(monkeypatch
     monkeypatch.delenv("WINATTN_BACKEND")
     monkeypatch.setattr(swin_module, "triton_available", lambda: False)
     assert not swin_module.fused_kernel_expected(cuda_like)
+
+
+def test_float32_gradients_through_onednn_match_float64():
+    """The fused linears' float32 backward (oneDNN for the weight gradients at few rows, the
+    BLAS at many) against the plain modules in float64."""
+    torch.manual_seed(0)
+    norm, fc1, fc2 = torch.nn.LayerNorm(16), torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+    qkv = torch.nn.Linear(16, 48)
+    params = [*norm.parameters(), *fc1.parameters(), *fc2.parameters(), *qkv.parameters()]
+    for rows in (3 * 7, 3000):  # below and above the oneDNN weight-gradient limit
+        x = torch.randn(rows, 16, requires_grad=True)
+        grad = torch.randn(rows, 16)
+        got = fused.norm_mlp(x, norm, fc1, fc2) + fused.linear(x, qkv)[:, :16]
+        got_grads = torch.autograd.grad(got, [x, *params], grad)
+        xd = x.detach().double().requires_grad_()
+        ref_params = [p.detach().double().requires_grad_() for p in params]
+        n_w, n_b, w1, b1, w2, b2, wq, bq = ref_params
+        normed = torch.nn.functional.layer_norm(xd, (16,), n_w, n_b, norm.eps)
+        hidden = torch.nn.functional.gelu(torch.nn.functional.linear(normed, w1, b1))
+        want = torch.nn.functional.linear(hidden, w2, b2)
+        want = want + torch.nn.functional.linear(xd, wq, bq)[:, :16]
+        want_grads = torch.autograd.grad(want, [xd, *ref_params], grad.double())
+        for i, (a, b) in enumerate(zip(got_grads, want_grads)):
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=f"{rows} {i}")

@@ -74,6 +74,22 @@ def _grad_input(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _matmul_forward(grad, weight.t().contiguous(), None)
 
 
+#: Most rows (tokens) for which a float32 weight gradient goes to oneDNN: there the BLAS mm is
+#: slower on Swin's shapes; with longer reductions (stage 1 at batch 8: 25088 rows) it is not.
+_ONEDNN_GRAD_WEIGHT_MAX_ROWS = 2048
+
+
+def _grad_weight(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``grad.T @ x`` for a linear layer's weight gradient, ``(T, out), (T, in) -> (out, in)``.
+
+    float32 with at most :data:`_ONEDNN_GRAD_WEIGHT_MAX_ROWS` rows: a oneDNN "linear" on the
+    transposed views (no copies); otherwise the BLAS ``mm``.
+    """
+    if grad.dtype == torch.float32 and grad.shape[0] <= _ONEDNN_GRAD_WEIGHT_MAX_ROWS:
+        return _matmul_forward(grad.t(), x.t(), None)
+    return grad.t() @ x
+
+
 class _LinearFunction(torch.autograd.Function):
     """``F.linear`` whose forward matmul runs through oneDNN (faster than the BLAS ``addmm``
     on the CPUs measured); backward is autograd's (two ``mm`` and a sum). Inputs arrive
@@ -93,7 +109,7 @@ class _LinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _grad_input(grad_2d, weight).view(x.shape)
         if ctx.needs_input_grad[1]:
-            grad_w = grad_2d.t() @ x.reshape(-1, x.shape[-1])
+            grad_w = _grad_weight(grad_2d, x.reshape(-1, x.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_2d.sum(0)
         return grad_x, grad_w, grad_b
@@ -174,7 +190,7 @@ class _NormMlpFunction(torch.autograd.Function):
         with torch.autocast("cpu", enabled=False):
             grad_out = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])  # (T, C_out)
             hidden = F.gelu(pre).reshape(-1, pre.shape[-1])  # (T, 4C) recomputed
-            grad_fc2_weight = (grad_out.t() @ hidden).to(fc2_weight.dtype)
+            grad_fc2_weight = _grad_weight(grad_out, hidden).to(fc2_weight.dtype)
             grad_fc2_bias = grad_out.sum(0).to(fc2_weight.dtype) if ctx.has_bias[1] else None
             grad_hidden = _grad_input(grad_out, fc2_weight.to(dtype))
             del hidden
@@ -182,7 +198,7 @@ class _NormMlpFunction(torch.autograd.Function):
             del grad_hidden
             normed = (x.reshape(-1, width) - mean.reshape(-1, 1)) * rstd.reshape(-1, 1)
             normed = normed * norm_weight + norm_bias if norm_weight is not None else normed
-            grad_fc1_weight = (grad_pre.t() @ normed.to(dtype)).to(fc1_weight.dtype)
+            grad_fc1_weight = _grad_weight(grad_pre, normed.to(dtype)).to(fc1_weight.dtype)
             grad_fc1_bias = grad_pre.sum(0).to(fc1_weight.dtype) if ctx.has_bias[0] else None
             grad_normed = _grad_input(grad_pre, fc1_weight.to(dtype))
             grad_normed = grad_normed.to(x.dtype).view(x.shape)
