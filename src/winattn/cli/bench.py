@@ -299,7 +299,7 @@ def operator_section(settings: dict, results: dict) -> list[dict]:
                 if "winattn window-order, matmuls" in fns:  # against the SDPA call, same layout
                     err = (fns["winattn window-order, matmuls"]().float()
                            - fns["winattn window-order"]().float()).abs().max().item()
-                    if err > 5e-2:
+                    if err > tol:
                         raise AssertionError(
                             f"operator {stage} {dtype_name}: matmul attention off by {err}"
                         )

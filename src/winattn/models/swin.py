@@ -9,7 +9,6 @@ Reads top to bottom: helpers -> block -> stage -> model -> config -> registered 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers import DropPath, Mlp, PatchEmbed, PatchMerging, WindowAttention, fused
 from ..ops import WindowPlan, plan_windows
+from ..ops.backends import forced_backend
 from ..ops.backends.triton_window import triton_available
 from ..ops.geometry import padded_token_mask, transition_index
 from ..ops.traceable import TracedWindows, is_tracing, use_traceable_path
@@ -52,7 +52,7 @@ def fused_kernel_expected(x: torch.Tensor) -> bool:
     """Whether the operator's dispatcher will hand ``x``'s attention to the Triton kernel."""
     if x.device.type != "cuda" or not triton_available():
         return False
-    return (os.environ.get("WINATTN_BACKEND") or "triton") == "triton"
+    return forced_backend() in (None, "triton")
 
 
 def resolve_window(

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Iterator
 from typing import NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
 
+from .backends import forced_backend
 from .geometry import SHIFT_REGION_PENALTY
 
 #: Set by :func:`shape_generic`: eager calls take the path of traced graphs.
@@ -71,8 +71,7 @@ def use_traceable_path(x: torch.Tensor, backend: str | None = None) -> bool:
         return True
     if not is_tracing():
         return False
-    forced = backend or os.environ.get("WINATTN_BACKEND")
-    return not forced and x.device.type == "cpu"
+    return forced_backend(backend) is None and x.device.type == "cpu"
 
 
 class TracedWindows(NamedTuple):

@@ -48,6 +48,12 @@ def backend_names() -> list[str]:
     return [b.name for b in BACKENDS]
 
 
+def forced_backend(backend: str | None = None) -> str | None:
+    """The backend a call is forced onto: ``backend`` if given, else ``WINATTN_BACKEND``, else
+    None (the dispatcher chooses)."""
+    return backend or os.environ.get("WINATTN_BACKEND") or None
+
+
 class NoBackendError(RuntimeError):
     """No backend can serve a call; the message holds every backend's reasons."""
 
@@ -60,7 +66,7 @@ def select_backend(call: AttentionCall, backend: str | None = None) -> Backend:
         ValueError: the name matches no backend.
         NoBackendError: the chosen or every backend refused; the message lists why.
     """
-    forced = backend or os.environ.get("WINATTN_BACKEND") or None
+    forced = forced_backend(backend)
     if forced is not None:
         candidates = [b for b in BACKENDS if b.name == forced]
         if not candidates:

@@ -83,6 +83,20 @@ def _fused_attention(
     return out.transpose(1, 2).contiguous()  # (B*nW, N, heads, d)
 
 
+def _probabilities(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """``softmax(scale * q @ k^T + mask)`` with the matmul in q's dtype and the scale, mask and
+    softmax in at least float32: ``(rows, heads, N, M)``. ``mask`` ``(m, heads, N, M)`` with
+    ``m`` dividing the rows (windows innermost), or None."""
+    work = torch.promote_types(q.dtype, torch.float32)
+    logits = torch.matmul(q, k.transpose(-1, -2)).to(work).mul_(scale)  # (rows, heads, N, M)
+    if mask is not None:
+        windows = mask.shape[0]
+        logits.view(-1, windows, *logits.shape[1:]).add_(mask.to(work))
+    return torch.softmax(logits, dim=-1)
+
+
 def explicit_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
@@ -90,22 +104,11 @@ def explicit_attention(
     fused kernel is slower at Swin's window sizes.
 
     The matmuls run in q's dtype; the scale, the mask and the softmax in float32 (as autocast
-    runs timm's: its bf16 logits meet a float32 bias). ``mask`` ``(m, heads, N, M)`` with
-    ``m`` dividing the rows (windows innermost), or None. Returns ``(rows, N, heads, d)``
-    contiguous, like :func:`_fused_attention`.
+    runs timm's: its bf16 logits meet a float32 bias), the same probabilities the backward of
+    :class:`_WindowAttentionFunction` recomputes. ``mask`` as for :func:`_probabilities`.
+    Returns ``(rows, N, heads, d)`` contiguous, like :func:`_fused_attention`.
     """
-    rows, heads, tokens, _ = q.shape
-    work = torch.promote_types(q.dtype, torch.float32)
-    logits = torch.matmul(q.contiguous(), k.contiguous().transpose(-1, -2))  # (rows, h, N, M)
-    if mask is None:
-        scores = logits.to(work).mul_(scale)
-    else:
-        windows = mask.shape[0]
-        grouped = logits.view(rows // windows, windows, *logits.shape[1:])
-        scores = torch.add(mask.to(work), grouped, alpha=scale).view(logits.shape)
-    del logits
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    del scores
+    probs = _probabilities(q.contiguous(), k.contiguous(), mask, scale).to(q.dtype)
     return torch.matmul(probs, v.contiguous()).transpose(1, 2).contiguous()
 
 
@@ -148,12 +151,7 @@ class _WindowAttentionFunction(torch.autograd.Function):
         work = torch.promote_types(dtype, torch.float32)
         grad_out = grad_out.to(dtype).transpose(1, 2)  # (B*nW, heads, N, d)
         out = out.transpose(1, 2)
-        logits = torch.matmul(q, k.transpose(-1, -2)).to(work).mul_(scale)  # (B*nW, heads, N, M)
-        if mask is not None:
-            windows = mask.shape[0]
-            logits.view(-1, windows, *logits.shape[1:]).add_(mask.to(work))
-        probs = torch.softmax(logits, dim=-1)
-        del logits
+        probs = _probabilities(q, k, mask, scale)  # (B*nW, heads, N, M)
         grad_probs = torch.matmul(grad_out, v.transpose(-1, -2)).to(work)  # (B*nW, heads, N, M)
         row_dot = (grad_out.to(work) * out.to(work)).sum(dim=-1, keepdim=True)  # (.., N, 1)
         grad_logits = grad_probs.sub_(row_dot).mul_(probs)  # dS = P * (dP - rowsum(dO*O))
