@@ -260,14 +260,16 @@ def _plain_and_grouped(monkeypatch, model, x, group_tokens, force=False):
         return original(self, chunk, plan, first)
 
     monkeypatch.setattr(swin_module.WindowAttention, "forward_window_rows", counted)
+    chooser = swin_module.SwinBlock._runs_in_window_groups
     with torch.no_grad():
-        monkeypatch.setattr(swin_module, "WINDOW_GROUPS_FROM_TOKENS", 10**12)
+        monkeypatch.setattr(swin_module.SwinBlock, "_runs_in_window_groups", lambda s, t: False)
         plain = model(x)
+        assert not runs
         monkeypatch.setattr(swin_module, "WINDOW_GROUPS_FROM_TOKENS", 0)
         monkeypatch.setattr(swin_module, "WINDOW_GROUP_TOKENS", group_tokens)
         if force:  # float64: the grouped path's bookkeeping checked exactly
-            monkeypatch.setattr(swin_module.SwinBlock, "_runs_in_window_groups",
-                                lambda self, t: not self.training)
+            chooser = lambda self, t: not self.training  # noqa: E731
+        monkeypatch.setattr(swin_module.SwinBlock, "_runs_in_window_groups", chooser)
         grouped = model(x)
     return plain, grouped, runs
 
@@ -294,6 +296,26 @@ def test_grouped_bf16_inference_error_within_twice_the_whole_stage_error(monkeyp
     assert runs
     plain_error = (plain.double() - exact).abs().max()
     assert (grouped.double() - exact).abs().max() <= 2 * plain_error + 1e-3
+
+
+def test_bf16_inference_runs_a_small_stage_as_one_group(monkeypatch):
+    torch.manual_seed(0)
+    model = SwinTransformer(SwinConfig(**TINY)).eval()
+    x = torch.randn(3, 3, 30, 42)
+    runs = []
+    original = swin_module.WindowAttention.forward_window_rows
+
+    def counted(self, chunk, plan, first):
+        runs.append((chunk.shape[0], first, 3 * plan.num_windows))
+        return original(self, chunk, plan, first)
+
+    monkeypatch.setattr(swin_module.WindowAttention, "forward_window_rows", counted)
+    monkeypatch.setattr(swin_module, "WINDOW_GROUPS_FROM_TOKENS", 10**12)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    blocks = sum(len(stage.blocks) for stage in model.layers)
+    assert len(runs) == blocks  # every block of every stage, each in one call
+    assert all(size == rows and first == 0 for size, first, rows in runs)
 
 
 def test_bf16_inference_weights_follow_updates_and_models_still_deepcopy():

@@ -222,15 +222,15 @@ class SwinBlock(nn.Module):
         return x + self.drop_path2(fused.norm_mlp(x, self.norm2, mlp.fc1, mlp.fc2))
 
     def _runs_in_window_groups(self, x: torch.Tensor) -> bool:
-        """Bfloat16 inference on the CPU (autocast or a bf16 model), on a stage of at least
-        :data:`WINDOW_GROUPS_FROM_TOKENS` tokens, goes a group of windows at a time: measured
-        faster there (docs/performance.md); everything else keeps the whole-stage path."""
+        """Bfloat16 inference on the CPU (autocast or a bf16 model) goes through
+        :meth:`_forward_window_groups`, whose attention is two matmuls around a float32 softmax
+        (faster than SDPA's bf16 kernel at every Swin-T stage, docs/performance.md);
+        everything else keeps the whole-stage path."""
         return (
             not torch.is_grad_enabled()
             and not self.training
             and x.device.type == "cpu"
             and fused.compute_dtype(x) == torch.bfloat16
-            and x.shape[0] * x.shape[1] >= WINDOW_GROUPS_FROM_TOKENS
         )
 
     def _forward_window_groups(
@@ -240,12 +240,16 @@ class SwinBlock(nn.Module):
 
         In window order the whole block is per window, so each group's intermediates (the qkv
         projection, the attention logits, the MLP's hidden layer) stay in the CPU's cache
-        instead of streaming through memory at full-batch size.
+        instead of streaming through memory at full-batch size. A stage of fewer than
+        :data:`WINDOW_GROUPS_FROM_TOKENS` tokens is one group.
         """
         batch, length, channels = x.shape
         windows, tokens = plan.num_windows, plan.window_tokens
         rows = batch * windows
-        group = window_group_size(windows, tokens)
+        if rows * tokens < WINDOW_GROUPS_FROM_TOKENS:
+            group = rows
+        else:
+            group = window_group_size(windows, tokens)
         x_rows = x.reshape(rows, tokens, channels)
         out = torch.empty_like(x_rows)
         pad = None if padding is None else padding.view(windows, tokens, 1)
@@ -269,8 +273,8 @@ class SwinBlock(nn.Module):
 #: best of 16, 32, 64, 96 and 128 on a 2-core Zen 4 (Swin-T, batch 8, bf16).
 WINDOW_GROUP_TOKENS = 3136
 
-#: Fewest tokens in a stage (batch included) for which grouping pays: below, the whole stage
-#: fits in cache anyway and SDPA on all windows at once is faster.
+#: Fewest tokens in a stage (batch included) that are split into groups: below, the whole
+#: stage fits in cache anyway and runs as one group (measured faster than smaller groups).
 WINDOW_GROUPS_FROM_TOKENS = 6144
 
 
