@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.traceable import is_tracing
+from . import fused
 
 
 class PatchEmbed(nn.Module):
@@ -78,5 +79,9 @@ class PatchMerging(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = merge_2x2(x)
         if self.norm_first:
-            return self.reduction(self.norm(x))
-        return self.norm(self.reduction(x))
+            return self._reduce(self.norm(x))
+        return self.norm(self._reduce(x))
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        # Exporters trace the module; eager runs take the oneDNN linear (packed bf16 weights).
+        return self.reduction(x) if is_tracing() else fused.linear(x, self.reduction)
