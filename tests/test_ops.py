@@ -59,6 +59,72 @@ def test_fast_path_matches_reference_backward(grid, window, shift):
         torch.testing.assert_close(actual, expected, rtol=0, atol=1e-10, msg=f"grad of {name}")
 
 
+def _fused_inputs(grid, window, dtype=torch.float64):
+    """q, k, v as the three slices of one ``(B, *grid, 3, heads, d)`` projection."""
+    gen = torch.Generator().manual_seed(1)
+    qkv = torch.randn(2, *grid, 3, 3, 8, generator=gen, dtype=dtype)
+    n = math.prod(window)
+    return qkv, torch.randn(3, n, n, generator=gen, dtype=dtype)
+
+
+@pytest.mark.parametrize("grid,window,shift", CASES)
+def test_slices_of_one_qkv_take_one_gather_and_match_reference(grid, window, shift):
+    from winattn.ops.backends.sdpa import stacked_views
+
+    qkv, bias = _fused_inputs(grid, window)
+    q, k, v = qkv.unbind(-3)
+    stacked = stacked_views(q, k, v)
+    assert stacked is not None and torch.equal(stacked, qkv)
+    expected = window_attention(q, k, v, window, shift_size=shift, bias=bias, backend="reference")
+    actual = window_attention(q, k, v, window, shift_size=shift, bias=bias, backend="sdpa")
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12)
+
+
+def test_stacked_views_refuses_what_is_not_three_slices_of_one_tensor():
+    from winattn.ops.backends.sdpa import stacked_views
+
+    qkv, _ = _fused_inputs((4, 6), (2, 3))
+    q, k, v = qkv.unbind(-3)
+    assert stacked_views(k, q, v) is None  # out of order
+    assert stacked_views(q, k, k) is None  # uneven steps
+    assert stacked_views(q, k.clone(), v) is None  # another storage
+    assert stacked_views(q, k, v.transpose(-1, -2).contiguous().transpose(-1, -2)) is None
+    other = qkv.transpose(-1, -2).contiguous()  # (.., 3, d, heads)
+    assert stacked_views(*other.unbind(-3)) is not None  # any common strides will do
+    torch.testing.assert_close(stacked_views(*other.unbind(-3)), other, rtol=0, atol=0)
+
+
+def test_slices_of_one_qkv_get_correct_gradients():
+    grid, window, shift = (13, 10), (7, 4), (3, 2)
+    qkv, bias = _fused_inputs(grid, window)
+    grads = {}
+    for backend in ("reference", "sdpa"):
+        leaf = qkv.clone().requires_grad_()
+        out = window_attention(*leaf.unbind(-3), window, shift_size=shift, bias=bias,
+                               backend=backend)
+        out.backward(torch.sin(torch.arange(out.numel(), dtype=out.dtype)).view_as(out))
+        grads[backend] = leaf.grad
+    torch.testing.assert_close(grads["sdpa"], grads["reference"], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_slices_of_one_qkv_in_low_precision_within_tolerance_rule(dtype):
+    grid, window, shift = (14, 14), (7, 7), (3, 3)
+    qkv, bias = _fused_inputs(grid, window)
+    exact = window_attention(*qkv.unbind(-3), window, shift_size=shift, bias=bias,
+                             backend="reference")
+    low, low_bias = qkv.to(dtype), bias.to(dtype)
+    ref_low = window_attention(*low.unbind(-3), window, shift_size=shift, bias=low_bias,
+                               backend="reference")
+    with torch.no_grad():
+        fast_low = window_attention(*low.unbind(-3), window, shift_size=shift, bias=low_bias,
+                                    backend="sdpa")
+    assert fast_low.dtype == dtype
+    ref_err = (ref_low.double() - exact).abs().max().item()
+    fast_err = (fast_low.double() - exact).abs().max().item()
+    assert fast_err <= 2 * ref_err + 1e-3, (fast_err, ref_err)
+
+
 @pytest.mark.parametrize("head_dim", [24, 32, 40, 64])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_head_dims_and_batches_float32(head_dim, batch):

@@ -247,18 +247,46 @@ class SdpaBackend:
         plan = call.plan
         batch, heads, head_dim = call.batch, call.heads, call.head_dim
         channels = heads * head_dim
-        shape4 = (batch * plan.num_windows, plan.window_tokens, heads, head_dim)
+        rows, tokens = batch * plan.num_windows, plan.window_tokens
 
         def to_windows(t: torch.Tensor) -> torch.Tensor:
             t = plan.partition(t.reshape(batch, *plan.grid, channels))  # (B, nW, N, heads*d)
-            return t.view(shape4).transpose(1, 2)  # (B*nW, heads, N, d)
+            return t.view(rows, tokens, heads, head_dim).transpose(1, 2)  # (B*nW, heads, N, d)
 
-        out = attend_qkv(
-            to_windows(call.q),
-            to_windows(call.k),
-            to_windows(call.v),
-            window_mask(call, call.q.dtype),
-            call.scale,
-        )  # (B*nW, N, heads, d)
-        out = out.view(batch, plan.num_windows, plan.window_tokens, channels)
+        fused = None if call.needs_grad else stacked_views(call.q, call.k, call.v)
+        if fused is not None:
+            # Slices of one qkv tensor: one gather for all three instead of one each.
+            windows = plan.partition(fused.reshape(batch, *plan.grid, 3 * channels))
+            q, k, v = windows.view(rows, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = to_windows(call.q), to_windows(call.k), to_windows(call.v)
+        if not call.needs_grad and prefers_matmuls(q):
+            out = explicit_attention(q, k, v, window_mask(call, torch.float32), call.scale)
+        else:
+            out = attend_qkv(q, k, v, window_mask(call, q.dtype), call.scale)  # (B*nW, N, heads, d)
+        out = out.view(batch, plan.num_windows, tokens, channels)
         return plan.reverse(out).view(call.q.shape)  # (B, *grid, heads, d)
+
+
+def stacked_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """``(..., 3, heads, d)``: the one tensor whose three slices are q, k and v, when they are
+    such slices of one storage (``qkv.unbind(-3)`` of a fused projection), else None.
+
+    It reads exactly q's, k's and v's elements whatever lies between them, so it is only used
+    where no gradient is wanted (a view across three tensors would confuse autograd).
+    """
+    if not (q.shape == k.shape == v.shape and q.stride() == k.stride() == v.stride()):
+        return None
+    if q.dtype != k.dtype or q.dtype != v.dtype or q.dim() < 2:
+        return None
+    if not (q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+            == v.untyped_storage().data_ptr()):
+        return None
+    step = k.storage_offset() - q.storage_offset()
+    if step <= 0 or v.storage_offset() - k.storage_offset() != step:
+        return None
+    return q.as_strided(
+        (*q.shape[:-2], 3, *q.shape[-2:]),
+        (*q.stride()[:-2], step, *q.stride()[-2:]),
+        q.storage_offset(),
+    )
