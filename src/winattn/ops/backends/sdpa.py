@@ -257,7 +257,8 @@ class SdpaBackend:
         if fused is not None:
             # Slices of one qkv tensor: one gather for all three instead of one each.
             windows = plan.partition(fused.reshape(batch, *plan.grid, 3 * channels))
-            q, k, v = windows.view(rows, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            windows = windows.view(rows, tokens, 3, heads, head_dim)
+            q, k, v = windows.permute(2, 0, 3, 1, 4).unbind(0)
         else:
             q, k, v = to_windows(call.q), to_windows(call.k), to_windows(call.v)
         if not call.needs_grad and prefers_matmuls(q):
