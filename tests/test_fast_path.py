@@ -163,27 +163,85 @@ def test_checkpointed_stages_give_the_same_gradients():
         torch.testing.assert_close(a, b)
 
 
-def test_norm_mlp_function_matches_modules_in_float64():
+def test_norm_mlp_function_matches_modules():
+    """float32 (the Function's oneDNN matmuls have no float64) against the modules in
+    float64; float64 inputs take the modules themselves."""
     torch.manual_seed(0)
     norm, fc1, fc2 = torch.nn.LayerNorm(12), torch.nn.Linear(12, 48), torch.nn.Linear(48, 12)
-    for module in (norm, fc1, fc2):
-        module.double()
-        with torch.no_grad():
+    with torch.no_grad():
+        for module in (norm, fc1, fc2):
             for p in module.parameters():
                 p.add_(torch.randn_like(p) * 0.1)
     params = [*norm.parameters(), *fc1.parameters(), *fc2.parameters()]
-    x = torch.randn(3, 7, 12, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn(3, 7, 12, dtype=torch.float64)
+    x = torch.randn(3, 7, 12, requires_grad=True)
+    grad = torch.randn(3, 7, 12)
     got = fused.norm_mlp(x, norm, fc1, fc2)
+    assert type(got.grad_fn).__name__ == "_NormMlpFunctionBackward"
     got_grads = torch.autograd.grad(got, [x, *params], grad)
-    want = fc2(torch.nn.functional.gelu(fc1(norm(x))))
-    want_grads = torch.autograd.grad(want, [x, *params], grad)
-    torch.testing.assert_close(got, want)
-    for a, b in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, b)
     with torch.no_grad():
-        torch.testing.assert_close(fused.norm_mlp(x.float(), norm.float(), fc1.float(), fc2.float()),
-                                   want.float(), rtol=1e-5, atol=1e-5)
+        no_grad = fused.norm_mlp(x, norm, fc1, fc2)  # the fused oneDNN inference calls
+    for module in (norm, fc1, fc2):
+        module.double()
+    x64 = x.detach().double().requires_grad_()
+    want = fc2(torch.nn.functional.gelu(fc1(norm(x64))))
+    want_grads = torch.autograd.grad(want, [x64, *params], grad.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(no_grad.double(), want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_norm_linear_function_matches_modules(padded):
+    """float32 (the Function's oneDNN matmul has no float64) against the modules in float64."""
+    torch.manual_seed(0)
+    norm, layer = torch.nn.LayerNorm(12), torch.nn.Linear(12, 36)
+    with torch.no_grad():
+        for p in (*norm.parameters(), *layer.parameters()):
+            p.add_(torch.randn_like(p) * 0.1)
+    params = [*norm.parameters(), *layer.parameters()]
+    x = torch.randn(3, 8, 12, requires_grad=True)
+    grad = torch.randn(3, 8, 36)
+    padding = (torch.arange(8) % 3 == 2).view(8, 1) if padded else None
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        got = fused.norm_linear(x, norm, layer, padding)
+    assert type(got.grad_fn).__name__ == "_NormLinearFunctionBackward"
+    # x is kept, the normalised copy of it is not
+    assert sum(t.shape == x.shape for t in saved) == 1
+    got_grads = torch.autograd.grad(got, [x, *params], grad)
+    norm.double(), layer.double()
+    x64 = x.detach().double().requires_grad_()
+    normed = norm(x64)
+    if padded:
+        normed = normed.masked_fill(padding, 0.0)
+    want = layer(normed)
+    want_grads = torch.autograd.grad(want, [x64, *norm.parameters(), *layer.parameters()],
+                                     grad.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_linear_under_bf16_autocast_within_tolerance_rule():
+    torch.manual_seed(0)
+    norm, layer = torch.nn.LayerNorm(32), torch.nn.Linear(32, 96)
+    params = [*norm.parameters(), *layer.parameters()]
+    x = torch.randn(4, 49, 32, requires_grad=True)
+    grad = torch.randn(4, 49, 96)
+
+    def run(fn, cast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
+            out = fn(x)
+        return [out.float(), *torch.autograd.grad(out.float(), [x, *params], grad)]
+
+    with torch.autocast("cpu", enabled=False):
+        exact = [t.double() for t in run(lambda t: layer(norm(t)), False)]
+    plain = run(lambda t: layer(norm(t)), True)
+    fast = run(lambda t: fused.norm_linear(t, norm, layer), True)
+    for i, (e, p, f) in enumerate(zip(exact, plain, fast)):
+        factor = 2 if i == 0 else 3
+        assert (f.double() - e).abs().max() <= factor * (p.double() - e).abs().max() + 1e-5, i
 
 
 def test_bf16_autocast_training_error_within_twice_the_modules_error():

@@ -104,19 +104,33 @@ class WindowAttention(nn.Module):
         self._mask_cache[key] = (stamp, mask)
         return mask
 
-    def forward_windows(self, x: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
+    def forward_windows(
+        self,
+        x: torch.Tensor,
+        plan: WindowPlan,
+        norm: nn.Module | None = None,
+        padding: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Attention on tokens already in ``plan``'s window order.
 
         Args:
             x: ``(B, L, C)``, ``L = num_windows * N``, window-major (``plan.partition``'s
                 order); ``plan.grid`` is the (padded) map, a multiple of the window.
+            norm: applied to ``x`` first (the block's pre-norm), fused with the qkv
+                projection so that training does not keep its output; or None.
+            padding: ``(L, 1)``, True on padded slots, zeroed after ``norm``; or None.
 
         Returns:
             ``(B, L, C)`` in the same order.
         """
         batch, length, channels = x.shape
         windows, tokens = plan.num_windows, plan.window_tokens
-        qkv = fused.linear(x, self.qkv)  # (B, L, 3C)
+        if norm is not None:
+            qkv = fused.norm_linear(x, norm, self.qkv, padding)  # (B, L, 3C)
+        elif padding is not None:
+            qkv = fused.linear(x.masked_fill(padding, 0.0), self.qkv)
+        else:
+            qkv = fused.linear(x, self.qkv)
         # (3, B*nW, heads, N, d) as strided views: no copy of q, k or v.
         q, k, v = qkv.view(batch * windows, tokens, 3, self.num_heads, self.head_dim).permute(
             2, 0, 3, 1, 4

@@ -196,8 +196,7 @@ class _NormMlpFunction(torch.autograd.Function):
             del hidden
             grad_pre = torch.ops.aten.gelu_backward(grad_hidden, pre.reshape(grad_hidden.shape))
             del grad_hidden
-            normed = (x.reshape(-1, width) - mean.reshape(-1, 1)) * rstd.reshape(-1, 1)
-            normed = normed * norm_weight + norm_bias if norm_weight is not None else normed
+            normed = _renormalise(x.reshape(-1, width), mean, rstd, norm_weight, norm_bias)
             grad_fc1_weight = _grad_weight(grad_pre, normed.to(dtype)).to(fc1_weight.dtype)
             grad_fc1_bias = grad_pre.sum(0).to(fc1_weight.dtype) if ctx.has_bias[0] else None
             grad_normed = _grad_input(grad_pre, fc1_weight.to(dtype))
@@ -222,6 +221,90 @@ class _NormMlpFunction(torch.autograd.Function):
             grad_fc2_weight,
             grad_fc2_bias,
         )
+
+
+def _renormalise(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """LayerNorm's output recomputed from its input and saved statistics, ``(T, C)``."""
+    normed = (x - mean.reshape(-1, 1)) * rstd.reshape(-1, 1)
+    return normed * weight + bias if weight is not None else normed
+
+
+class _NormLinearFunction(torch.autograd.Function):
+    """``linear(layer_norm(x))`` with rows of ``padding`` zeroed between the two, storing
+    ``x`` and the norm statistics but not the normalised input (one channel width per token):
+    backward recomputes it in one elementwise pass. Precision as :class:`_NormMlpFunction`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, eps, weight, bias, padding):  # type: ignore[override]
+        width = (x.shape[-1],)
+        dtype = compute_dtype(x)
+        with torch.autocast("cpu", enabled=False):
+            normed, mean, rstd = torch.native_layer_norm(x, width, norm_weight, norm_bias, eps)
+            if padding is not None:
+                normed = normed.masked_fill(padding, 0.0)
+            out = _matmul_forward(normed.to(dtype), weight.to(dtype), _cast(bias, dtype))
+        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, weight, padding)
+        ctx.has_bias = bias is not None
+        ctx.dtype = dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, mean, rstd, norm_weight, norm_bias, weight, padding = ctx.saved_tensors
+        dtype = ctx.dtype
+        width = x.shape[-1]
+        with torch.autocast("cpu", enabled=False):
+            grad_out = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])  # (T, out)
+            normed = _renormalise(x.reshape(-1, width), mean, rstd, norm_weight, norm_bias)
+            if padding is not None:
+                normed = normed.view(x.shape).masked_fill(padding, 0.0).view(-1, width)
+            grad_weight = _grad_weight(grad_out, normed.to(dtype)).to(weight.dtype)
+            del normed
+            grad_bias = grad_out.sum(0).to(weight.dtype) if ctx.has_bias else None
+            grad_normed = _grad_input(grad_out, weight.to(dtype)).to(x.dtype).view(x.shape)
+            if padding is not None:
+                grad_normed = grad_normed.masked_fill(padding, 0.0)
+            grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
+                grad_normed,
+                x,
+                (width,),
+                mean,
+                rstd,
+                norm_weight,
+                norm_bias,
+                [True, norm_weight is not None, norm_bias is not None],
+            )
+        return grad_x, grad_norm_weight, grad_norm_bias, None, grad_weight, grad_bias, None
+
+
+def norm_linear(
+    x: torch.Tensor, norm: nn.Module, layer: nn.Linear, padding: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``layer(norm(x).masked_fill(padding, 0))``: with gradients on the CPU, a Function that
+    does not keep the normalised input (:class:`_NormLinearFunction`); otherwise the modules
+    and :func:`linear`. ``padding`` broadcasts against ``x`` (True: zero that token)."""
+    usable = (
+        torch.is_grad_enabled()
+        and _onednn_ready(x)
+        and compute_dtype(x) in _ONEDNN_DTYPES
+        and isinstance(norm, nn.LayerNorm)
+        and norm.weight is not None
+    )
+    if not usable:
+        normed = norm(x)
+        if padding is not None:
+            normed = normed.masked_fill(padding, 0.0)
+        return linear(normed, layer)
+    return _NormLinearFunction.apply(
+        x, norm.weight, norm.bias, norm.eps, layer.weight, layer.bias, padding
+    )
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

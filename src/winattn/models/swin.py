@@ -212,10 +212,7 @@ class SwinBlock(nn.Module):
         """
         if self._runs_in_window_groups(x):
             return self._forward_window_groups(x, plan, padding)
-        attn_in = self.norm1(x)
-        if padding is not None:
-            attn_in = attn_in.masked_fill(padding, 0.0)
-        x = x + self.drop_path1(self.attn.forward_windows(attn_in, plan))
+        x = x + self.drop_path1(self.attn.forward_windows(x, plan, self.norm1, padding))
         mlp = self.mlp
         if mlp.drop1.p or mlp.drop2.p:
             return x + self.drop_path2(mlp(self.norm2(x)))
