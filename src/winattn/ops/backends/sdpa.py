@@ -119,8 +119,9 @@ def prefers_matmuls(q: torch.Tensor) -> bool:
 
 
 class _WindowAttentionFunction(torch.autograd.Function):
-    """Attention inside windows that stores q, k, v (views of their producer) and the output,
-    never the ``(B*nW, heads, N, N)`` attention matrix: backward recomputes it.
+    """Attention inside windows that stores q, k and v (views of their producer), never the
+    ``(B*nW, heads, N, N)`` attention matrix nor the output: backward recomputes the
+    probabilities, and takes the softmax gradient's row sums from them.
 
     The mask is taken compact, ``(nW or 1, heads, N, N)``, and its gradient is summed over the
     batch here, so neither the batch-expanded mask nor its gradient is kept between passes.
@@ -137,24 +138,27 @@ class _WindowAttentionFunction(torch.autograd.Function):
                 # gradient).
                 detached = None if expanded is None else expanded.detach()
                 out = _fused_attention(q.detach(), k.detach(), v.detach(), detached, scale)
-        ctx.save_for_backward(q, k, v, mask, out)
+        ctx.save_for_backward(q, k, v, mask)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        q, k, v, mask, out = ctx.saved_tensors
+        q, k, v, mask = ctx.saved_tensors
         scale = ctx.scale
         dtype = q.dtype
         # Matmuls in the inputs' dtype (bf16 ones as autocast's backward would run them),
-        # softmax and its gradient in at least float32; (B*nW, heads, N, *) layouts.
+        # softmax and its gradient in at least float32; (B*nW, heads, N, *) layouts. Each of
+        # q, k, v and grad_out feeds two matmuls: made contiguous once, not once per matmul.
         work = torch.promote_types(dtype, torch.float32)
-        grad_out = grad_out.to(dtype).transpose(1, 2)  # (B*nW, heads, N, d)
-        out = out.transpose(1, 2)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        grad_out = grad_out.to(dtype).transpose(1, 2).contiguous()  # (B*nW, heads, N, d)
         probs = _probabilities(q, k, mask, scale)  # (B*nW, heads, N, M)
         grad_probs = torch.matmul(grad_out, v.transpose(-1, -2)).to(work)  # (B*nW, heads, N, M)
-        row_dot = (grad_out.to(work) * out.to(work)).sum(dim=-1, keepdim=True)  # (.., N, 1)
-        grad_logits = grad_probs.sub_(row_dot).mul_(probs)  # dS = P * (dP - rowsum(dO*O))
+        # dS = P * (dP - rowsum(P * dP)); rowsum(P * dP) equals flash attention's
+        # rowsum(dO * O) and needs neither the output nor float32 copies of dO and O.
+        grad_logits = grad_probs.mul_(probs)
+        grad_logits.addcmul_(probs, grad_logits.sum(dim=-1, keepdim=True), value=-1.0)
         grad_v = torch.matmul(probs.to(dtype).transpose(-1, -2), grad_out)
         del probs
         grad_mask = None
