@@ -69,6 +69,24 @@ def test_transition_index_moves_tokens_between_orders():
         transition_index(plain, plan_windows((14, 14), (7, 7), (0, 0)))
 
 
+def test_move_tokens_gradient_is_the_inverse_gather():
+    from winattn.ops.geometry import move_tokens
+
+    plain = plan_windows((14, 21), (7, 7), (0, 0))
+    shifted = plan_windows((14, 21), (7, 7), (3, 3))
+    x = torch.randn(2, 14 * 21, 5, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 14 * 21, 5, dtype=torch.float64)
+    out = move_tokens(x, plain, shifted)
+    assert type(out.grad_fn).__name__ == "_PermuteTokensBackward"
+    want = x.index_select(1, transition_index(plain, shifted))
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    (got_grad,) = torch.autograd.grad(out, x, grad)
+    (want_grad,) = torch.autograd.grad(want, x, grad)
+    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0)
+    small = x[:1, :, :2].detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: move_tokens(t, shifted, plain), (small,))
+
+
 def test_padded_token_mask_marks_exactly_the_padding():
     plan = plan_windows((14, 14), (7, 7), (3, 3))
     outside = padded_token_mask(plan, (12, 13))

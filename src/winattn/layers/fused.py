@@ -196,7 +196,7 @@ class _NormMlpFunction(torch.autograd.Function):
             del hidden
             grad_pre = torch.ops.aten.gelu_backward(grad_hidden, pre.reshape(grad_hidden.shape))
             del grad_hidden
-            normed = _renormalise(x.reshape(-1, width), mean, rstd, norm_weight, norm_bias)
+            normed = _renormalise(x, norm_weight, norm_bias, ctx.eps)
             grad_fc1_weight = _grad_weight(grad_pre, normed.to(dtype)).to(fc1_weight.dtype)
             grad_fc1_bias = grad_pre.sum(0).to(fc1_weight.dtype) if ctx.has_bias[0] else None
             grad_normed = _grad_input(grad_pre, fc1_weight.to(dtype))
@@ -224,15 +224,12 @@ class _NormMlpFunction(torch.autograd.Function):
 
 
 def _renormalise(
-    x: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
-    """LayerNorm's output recomputed from its input and saved statistics, ``(T, C)``."""
-    normed = (x - mean.reshape(-1, 1)) * rstd.reshape(-1, 1)
-    return normed * weight + bias if weight is not None else normed
+    """LayerNorm's output recomputed in backward, ``(T, C)``: the forward's kernel again (one
+    pass, the same values), not an elementwise expression on the saved statistics."""
+    width = x.shape[-1]
+    return torch.native_layer_norm(x, (width,), weight, bias, eps)[0].reshape(-1, width)
 
 
 class _NormLinearFunction(torch.autograd.Function):
@@ -251,6 +248,7 @@ class _NormLinearFunction(torch.autograd.Function):
                 normed = normed.masked_fill(padding, 0.0)
             out = _matmul_forward(normed.to(dtype), weight.to(dtype), _cast(bias, dtype))
         ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, weight, padding)
+        ctx.eps = eps
         ctx.has_bias = bias is not None
         ctx.dtype = dtype
         return out
@@ -262,7 +260,7 @@ class _NormLinearFunction(torch.autograd.Function):
         width = x.shape[-1]
         with torch.autocast("cpu", enabled=False):
             grad_out = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])  # (T, out)
-            normed = _renormalise(x.reshape(-1, width), mean, rstd, norm_weight, norm_bias)
+            normed = _renormalise(x, norm_weight, norm_bias, ctx.eps)
             if padding is not None:
                 normed = normed.view(x.shape).masked_fill(padding, 0.0).view(-1, width)
             grad_weight = _grad_weight(grad_out, normed.to(dtype)).to(weight.dtype)

@@ -21,7 +21,7 @@ from ..layers import DropPath, Mlp, PatchEmbed, PatchMerging, WindowAttention, f
 from ..ops import WindowPlan, plan_windows
 from ..ops.backends import forced_backend
 from ..ops.backends.triton_window import triton_available
-from ..ops.geometry import padded_token_mask, transition_index
+from ..ops.geometry import move_tokens, padded_token_mask
 from ..ops.traceable import TracedWindows, is_tracing, use_traceable_path
 from .base import SwinBackbone, _init_weights, to_2tuple
 from .registry import register_model
@@ -345,7 +345,7 @@ class SwinStage(nn.Module):
         tokens = plans[0].partition(x).view(batch, -1, channels)  # (B, L, C) window order
         for i, (block, plan) in enumerate(zip(self.blocks, plans)):
             if i > 0 and plan is not plans[i - 1]:
-                tokens = tokens.index_select(1, transition_index(plans[i - 1], plan))
+                tokens = move_tokens(tokens, plans[i - 1], plan)
             padding = padded_token_mask(plan, (height, width))
             if self.grad_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(

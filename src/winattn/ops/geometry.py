@@ -273,6 +273,30 @@ def transition_index(source: WindowPlan, target: WindowPlan) -> torch.Tensor:
     return slot_of[target.gather_index]
 
 
+class _PermuteTokens(torch.autograd.Function):
+    """``x.index_select(1, index)`` for an ``index`` that permutes the token axis, with the
+    inverse gather as its backward: autograd's own backward of ``index_select`` zero-fills a
+    tensor and scatters into it with ``index_add_``, which is slower."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):  # type: ignore[override]
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, index)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+def move_tokens(x: torch.Tensor, source: WindowPlan, target: WindowPlan) -> torch.Tensor:
+    """``(B, L, C)`` in ``source``'s window order -> ``target``'s (see :func:`transition_index`)."""
+    index = transition_index(source, target)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _PermuteTokens.apply(x, index, transition_index(target, source))
+    return x.index_select(1, index)
+
+
 @lru_cache(maxsize=256)
 def padded_token_mask(plan: WindowPlan, real_grid: tuple[int, ...]) -> torch.Tensor | None:
     """``(L, 1)`` bool in ``plan``'s window order, True where the token is padding: outside
