@@ -1,8 +1,10 @@
 """Swin-T bf16 inference on the CPU with each of winattn's bf16-only pieces switched off in
 turn, in one process, the variants taking turns call by call (as ``winattn bench`` does).
 
-Variants: ``default``; ``no-groups`` (whole stages, SDPA: window groups off); ``no-packing``
-(plain bf16 weights instead of oneDNN's blocked layout); ``timm`` for scale. Prints median and
+Variants: ``default``; ``one-group`` (every stage as one group of windows, still on the matmul
+attention); ``sdpa-stages`` (the whole-stage path that training and float32 take: SDPA's bf16
+kernel, no groups); ``no-packing`` (plain bf16 weights instead of oneDNN's blocked layout);
+``timm`` for scale. Prints median and
 min milliseconds and each variant's median over the default's (above 1: the piece pays).
 These are the A/B figures docs/performance.md quotes for the bf16 section; rerun them on a new
 host before trusting the defaults there.
@@ -32,6 +34,7 @@ def main() -> None:
     peers, _ = build_peers("swin_tiny_patch4_window7_224", ["timm"])
     ours, timm = peers["winattn"].model.eval(), peers["timm"].model.eval()
     groups_from = swin.WINDOW_GROUPS_FROM_TOKENS
+    chooser = swin.SwinBlock._runs_in_window_groups
     packed_weight = fused._inference_weight
     plain: dict = {}
 
@@ -41,9 +44,12 @@ def main() -> None:
             plain[key] = layer.weight.detach().to(dtype)
         return plain[key]
 
-    def variant(groups: bool, packing: bool):
+    def variant(groups: bool, packing: bool, grouped_path: bool = True):
         def run(x: torch.Tensor):
             swin.WINDOW_GROUPS_FROM_TOKENS = groups_from if groups else 1 << 62
+            swin.SwinBlock._runs_in_window_groups = (
+                chooser if grouped_path else (lambda self, t: False)
+            )
             fused._inference_weight = packed_weight if packing else plain_weight
             return ours(x)
 
@@ -51,7 +57,8 @@ def main() -> None:
 
     runs = {
         "default": variant(True, True),
-        "no-groups": variant(False, True),
+        "one-group": variant(False, True),
+        "sdpa-stages": variant(True, True, grouped_path=False),
         "no-packing": variant(True, False),
     }
     try:
@@ -71,6 +78,7 @@ def main() -> None:
                 print(f"| {name} | {median * 1e3:.1f} | {fastest:.1f} | {median / base:.2f}x |")
     finally:
         swin.WINDOW_GROUPS_FROM_TOKENS = groups_from
+        swin.SwinBlock._runs_in_window_groups = chooser
         fused._inference_weight = packed_weight
 
 
