@@ -163,7 +163,7 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
 class _NormMlpFunction(torch.autograd.Function):
     """``fc2(gelu(fc1(layer_norm(x))))`` storing only ``x``, the norm statistics and the
     pre-activation ``fc1`` output: the normalised input and the GELU output (1 + 4 channel
-    widths per token) are recomputed in backward, which costs two elementwise passes.
+    widths per token) are recomputed in backward, which costs two passes.
 
     Under CPU autocast the matmuls run in the autocast dtype and the norm in float32, as the
     modules would; gradients come back in the parameters' dtypes.
@@ -235,7 +235,8 @@ def _renormalise(
 class _NormLinearFunction(torch.autograd.Function):
     """``linear(layer_norm(x))`` with rows of ``padding`` zeroed between the two, storing
     ``x`` and the norm statistics but not the normalised input (one channel width per token):
-    backward recomputes it in one elementwise pass. Precision as :class:`_NormMlpFunction`.
+    backward recomputes it with LayerNorm's kernel (one pass). Precision as
+    :class:`_NormMlpFunction`.
     """
 
     @staticmethod
