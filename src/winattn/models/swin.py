@@ -248,22 +248,31 @@ class SwinBlock(nn.Module):
         else:
             group = window_group_size(windows, tokens)
         x_rows = x.reshape(rows, tokens, channels)
-        out = torch.empty_like(x_rows)
         pad = None if padding is None else padding.view(windows, tokens, 1)
-        mlp = self.mlp
+        if group >= rows:  # one group: no copy into a separate output
+            return self._window_group(x_rows, plan, pad, 0).view(batch, length, channels)
+        out = torch.empty_like(x_rows)
         for start in range(0, rows, group):
-            size = min(group, rows - start)
-            first = start % windows
-            chunk = x_rows[start : start + size]  # (size, N, C)
-            attn_in = self.norm1(chunk)
-            if pad is not None and size < windows:
-                attn_in = attn_in.masked_fill(pad[first : first + size], 0.0)
-            elif pad is not None:  # whole images
-                attn_in = attn_in.view(-1, windows, tokens, channels).masked_fill(pad, 0.0)
-                attn_in = attn_in.view(size, tokens, channels)
-            y = chunk + self.attn.forward_window_rows(attn_in, plan, first)
-            out[start : start + size] = y + fused.norm_mlp(y, self.norm2, mlp.fc1, mlp.fc2)
+            chunk = x_rows[start : start + group]  # (size, N, C)
+            out[start : start + group] = self._window_group(chunk, plan, pad, start % windows)
         return out.view(batch, length, channels)
+
+    def _window_group(
+        self, chunk: torch.Tensor, plan: WindowPlan, pad: torch.Tensor | None, first: int
+    ) -> torch.Tensor:
+        """The block on ``chunk`` ``(size, N, C)``: windows ``first ..`` of one image, or whole
+        images (``first == 0``, ``size`` a multiple of the image's windows)."""
+        size, tokens, channels = chunk.shape
+        windows = plan.num_windows
+        attn_in = self.norm1(chunk)
+        if pad is not None and size < windows:
+            attn_in = attn_in.masked_fill(pad[first : first + size], 0.0)
+        elif pad is not None:  # whole images
+            attn_in = attn_in.view(-1, windows, tokens, channels).masked_fill(pad, 0.0)
+            attn_in = attn_in.view(size, tokens, channels)
+        y = chunk + self.attn.forward_window_rows(attn_in, plan, first)
+        mlp = self.mlp
+        return y + fused.norm_mlp(y, self.norm2, mlp.fc1, mlp.fc2)
 
 
 #: Tokens per group of :meth:`SwinBlock._forward_window_groups`: 64 windows of 7x7 measured
