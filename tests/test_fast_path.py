@@ -129,7 +129,8 @@ def test_bf16_attention_backward_within_tolerance_rule_and_keeps_no_attention_ma
     rule against the float64 oracle, relative to the dense formula computed in bfloat16."""
     gen = torch.Generator().manual_seed(3)
     batch, windows, heads, tokens, head_dim = 2, 4, 3, 49, 32
-    qkv = torch.randn(batch * windows, tokens, 3, heads, head_dim, generator=gen, dtype=torch.float64)
+    qkv = torch.randn(batch * windows, tokens, 3, heads, head_dim, generator=gen,
+                      dtype=torch.float64)
     mask = torch.randn(windows, heads, tokens, tokens, generator=gen, dtype=torch.float64)
     grad = torch.randn(batch * windows, tokens, heads, head_dim, generator=gen, dtype=torch.float64)
 
@@ -160,6 +161,80 @@ def test_bf16_attention_backward_within_tolerance_rule_and_keeps_no_attention_ma
         ref_err = (r.double() - e).abs().max().item()
         err = (g.double() - e).abs().max().item()
         assert err <= factor * ref_err + 1e-3, (i, err, ref_err)
+
+
+@pytest.mark.parametrize("mask_rows", [None, 4])
+def test_attend_project_function_matches_attention_then_linear(mask_rows):
+    """float32 Function (oneDNN has no float64 matmul) against attend_qkv + the module in
+    float64; it keeps neither the attention output nor the attention matrix."""
+    gen = torch.Generator().manual_seed(4)
+    rows, heads, tokens, head_dim = 8, 3, 9, 8
+    channels = heads * head_dim
+    qkv = torch.randn(rows, tokens, 3, heads, head_dim, generator=gen)
+    mask = None if mask_rows is None else torch.randn(mask_rows, heads, tokens, tokens,
+                                                      generator=gen)
+    proj = torch.nn.Linear(channels, 20)
+    grad = torch.randn(rows, tokens, 20, generator=gen)
+
+    def run(fn, dtype):
+        proj.to(dtype)
+        leaves = [qkv.to(dtype).clone().requires_grad_()]
+        if mask is not None:
+            leaves.append(mask.to(dtype).clone().requires_grad_())
+        q, k, v = leaves[0].permute(2, 0, 3, 1, 4).unbind(0)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = fn(q, k, v, leaves[1] if mask is not None else None)
+        params = list(proj.parameters())
+        grads = torch.autograd.grad(out, leaves + params, grad.to(dtype))
+        return [out.detach(), *grads], saved
+
+    def fast(q, k, v, m):
+        out = fused.attend_project(q, k, v, m, 0.3, proj)
+        assert type(out.grad_fn).__name__ == "_AttendProjectFunctionBackward"
+        return out
+
+    got, saved = run(fast, torch.float32)
+    assert not [t for t in saved if tuple(t.shape) in ((rows, tokens, heads, head_dim),
+                                                      (rows, heads, tokens, tokens))]
+
+    def reference(q, k, v, m):
+        out = attend_qkv(q, k, v, m, 0.3)
+        return proj(out.reshape(rows, tokens, channels))
+
+    want, _ = run(reference, torch.float64)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_attend_project_under_bf16_autocast_within_tolerance_rule():
+    gen = torch.Generator().manual_seed(5)
+    rows, heads, tokens, head_dim = 8, 3, 49, 32
+    qkv = torch.randn(rows, tokens, 3, heads, head_dim, generator=gen)
+    mask = torch.randn(4, heads, tokens, tokens, generator=gen)
+    proj = torch.nn.Linear(heads * head_dim, heads * head_dim)
+    grad = torch.randn(rows, tokens, heads * head_dim, generator=gen)
+
+    def run(fn, cast):
+        leaves = [qkv.clone().requires_grad_(), mask.clone().requires_grad_()]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
+            qkv_c = leaves[0].to(torch.bfloat16) if cast else leaves[0]
+            q, k, v = qkv_c.permute(2, 0, 3, 1, 4).unbind(0)
+            out = fn(q, k, v, leaves[1].to(q.dtype))
+        grads = torch.autograd.grad(out.float(), leaves + list(proj.parameters()), grad)
+        return [out.float(), *grads]
+
+    def modules(q, k, v, m):
+        out = attend_qkv(q, k, v, m, head_dim**-0.5)
+        return proj(out.reshape(rows, tokens, -1))
+
+    with torch.autocast("cpu", enabled=False):
+        exact = [t.double() for t in run(modules, False)]
+    plain = run(modules, True)
+    fast = run(lambda q, k, v, m: fused.attend_project(q, k, v, m, head_dim**-0.5, proj), True)
+    for i, (e, p, f) in enumerate(zip(exact, plain, fast)):
+        factor = 2 if i == 0 else 3
+        assert (f.double() - e).abs().max() <= factor * (p.double() - e).abs().max() + 1e-4, i
 
 
 # --------------------------------------------------------------------------- Swin stages

@@ -140,8 +140,8 @@ class WindowAttention(nn.Module):
             mask = self.window_mask(plan, qkv.dtype)  # rebuilt: the table needs its gradient
         else:
             mask = self._cached_mask(plan, qkv.dtype, batch * windows)
-        out = attend_qkv(q, k, v, mask, self.scale)  # (B*nW, N, heads, d)
-        return self.proj_drop(fused.linear(out.view(batch, length, channels), self.proj))
+        out = fused.attend_project(q, k, v, mask, self.scale, self.proj)  # (B*nW, N, C)
+        return self.proj_drop(out.view(batch, length, channels))
 
     def forward_window_rows(self, x: torch.Tensor, plan: WindowPlan, first: int) -> torch.Tensor:
         """Inference on a run of whole windows of ``plan``, without gradients.

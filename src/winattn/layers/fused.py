@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.backends import sdpa
+
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -304,6 +306,80 @@ def norm_linear(
     return _NormLinearFunction.apply(
         x, norm.weight, norm.bias, norm.eps, layer.weight, layer.bias, padding
     )
+
+
+class _AttendProjectFunction(torch.autograd.Function):
+    """``proj(attention(q, k, v))`` that stores q, k, v, the mask and the weight only: the
+    attention output, which the projection's weight gradient needs, is recomputed in backward
+    from the probabilities that backward recomputes anyway (one extra batched matmul), so one
+    channel width per token is not kept. Attention as :func:`~winattn.ops.backends.sdpa.
+    attend_qkv`'s Function; the projection as :class:`_LinearFunction`.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale, weight, bias):  # type: ignore[override]
+        dtype = q.dtype
+        out = sdpa.attend_without_grad(q, k, v, mask, scale)  # (B*nW, N, heads, d)
+        rows, tokens = out.shape[:2]
+        with torch.autocast("cpu", enabled=False):
+            flat = out.view(rows * tokens, -1)
+            y = _matmul_forward(flat, weight.to(dtype), _cast(bias, dtype))
+        ctx.save_for_backward(q, k, v, mask, weight)
+        ctx.scale = scale
+        ctx.has_bias = bias is not None
+        return y.view(rows, tokens, -1)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        q, k, v, mask, weight = ctx.saved_tensors
+        dtype = q.dtype
+        rows, heads, tokens, head_dim = q.shape
+        projection: dict[str, torch.Tensor | None] = {}
+
+        def grad_out_of(probs: torch.Tensor, v_c: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cpu", enabled=False):
+                grad = grad_y.to(dtype).reshape(rows * tokens, -1)  # (T, C)
+                out = torch.matmul(probs.to(dtype), v_c)  # (B*nW, heads, N, d), recomputed
+                flat = out.transpose(1, 2).reshape(rows * tokens, heads * head_dim)
+                del out
+                projection["weight"] = _grad_weight(grad, flat).to(weight.dtype)
+                del flat
+                has_bias = ctx.has_bias and ctx.needs_input_grad[6]
+                projection["bias"] = grad.sum(0).to(weight.dtype) if has_bias else None
+                grad_out = _grad_input(grad, weight.to(dtype))  # (T, C)
+            grad_out = grad_out.view(rows, tokens, heads, head_dim)
+            return grad_out.transpose(1, 2).contiguous()  # (B*nW, heads, N, d)
+
+        grad_q, grad_k, grad_v, grad_mask = sdpa.attention_gradients(
+            q, k, v, mask, ctx.scale, grad_out_of, ctx.needs_input_grad[3]
+        )
+        return grad_q, grad_k, grad_v, grad_mask, None, projection["weight"], projection["bias"]
+
+
+def attend_project(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    layer: nn.Linear,
+) -> torch.Tensor:
+    """``layer`` applied to attention inside windows: q ``(B*nW, heads, N, d)`` (views into a
+    qkv projection are fine), mask as for :func:`~winattn.ops.backends.sdpa.attend_qkv`;
+    returns ``(B*nW, N, heads * d)``. With gradients on the CPU one Function
+    (:class:`_AttendProjectFunction`) that does not keep the attention output."""
+    tensors = (q, k, v) if mask is None else (q, k, v, mask)
+    usable = (
+        torch.is_grad_enabled()
+        and any(t.requires_grad for t in tensors)
+        and _onednn_ready(q)
+        and q.dtype in _ONEDNN_DTYPES
+        and layer.weight.dtype in _ONEDNN_DTYPES
+    )
+    if usable:
+        return _AttendProjectFunction.apply(q, k, v, mask, scale, layer.weight, layer.bias)
+    out = sdpa.attend_qkv(q, k, v, mask, scale)  # (B*nW, N, heads, d)
+    return linear(out.view(*out.shape[:2], -1), layer)
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

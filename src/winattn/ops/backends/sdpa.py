@@ -10,6 +10,8 @@ projection without copying q, k and v apart.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -118,6 +120,60 @@ def prefers_matmuls(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype == torch.bfloat16
 
 
+def attend_without_grad(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """The forward of the training Functions: ``(B*nW, N, heads, d)`` contiguous, computed
+    without recording (matmul attention for bf16 on the CPU, SDPA's fused kernel otherwise)."""
+    with torch.no_grad():
+        if prefers_matmuls(q) and (mask is None or q.shape[0] % mask.shape[0] == 0):
+            return explicit_attention(q, k, v, mask, scale)
+        expanded = None if mask is None else expand_to_batch(mask, q.shape[0])
+        # Detached, so SDPA takes its fused kernel (it refuses a mask that wants a gradient).
+        detached = None if expanded is None else expanded.detach()
+        return _fused_attention(q.detach(), k.detach(), v.detach(), detached, scale)
+
+
+def attention_gradients(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    grad_out_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    mask_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of q, k, v (and the mask) from recomputed probabilities.
+
+    ``grad_out_of(probs, v)`` returns the output's gradient ``(B*nW, heads, N, d)``,
+    contiguous, in q's dtype; it sees the float32 probabilities and contiguous v, so a caller
+    that also needs the output (a fused projection) can recompute it there. Matmuls run in the
+    inputs' dtype (bf16 ones as autocast's backward would run them), the softmax and its
+    gradient in at least float32. Each of q, k, v feeds two matmuls: made contiguous once.
+    """
+    dtype = q.dtype
+    work = torch.promote_types(dtype, torch.float32)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    probs = _probabilities(q, k, mask, scale)  # (B*nW, heads, N, M)
+    grad_out = grad_out_of(probs, v)
+    grad_probs = torch.matmul(grad_out, v.transpose(-1, -2)).to(work)  # (B*nW, heads, N, M)
+    # dS = P * (dP - rowsum(P * dP)); rowsum(P * dP) equals flash attention's
+    # rowsum(dO * O) and needs neither the output nor float32 copies of dO and O.
+    grad_logits = grad_probs.mul_(probs)
+    grad_logits.addcmul_(probs, grad_logits.sum(dim=-1, keepdim=True), value=-1.0)
+    grad_v = torch.matmul(probs.to(dtype).transpose(-1, -2), grad_out)
+    del probs
+    grad_mask = None
+    if mask is not None and mask_grad:
+        windows = mask.shape[0]
+        grad_mask = grad_logits.view(-1, windows, *grad_logits.shape[1:]).sum(0)
+        grad_mask = grad_mask.to(mask.dtype)
+    grad_logits = grad_logits.mul_(scale).to(dtype)
+    grad_q = torch.matmul(grad_logits, k)
+    grad_k = torch.matmul(grad_logits.transpose(-1, -2), q)
+    return grad_q, grad_k, grad_v, grad_mask
+
+
 class _WindowAttentionFunction(torch.autograd.Function):
     """Attention inside windows that stores q, k and v (views of their producer), never the
     ``(B*nW, heads, N, N)`` attention matrix nor the output: backward recomputes the
@@ -129,15 +185,7 @@ class _WindowAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale: float):  # type: ignore[override]
-        with torch.no_grad():
-            if prefers_matmuls(q) and (mask is None or q.shape[0] % mask.shape[0] == 0):
-                out = explicit_attention(q, k, v, mask, scale)
-            else:
-                expanded = None if mask is None else expand_to_batch(mask, q.shape[0])
-                # Detached, so SDPA takes its fused kernel (it refuses a mask that wants a
-                # gradient).
-                detached = None if expanded is None else expanded.detach()
-                out = _fused_attention(q.detach(), k.detach(), v.detach(), detached, scale)
+        out = attend_without_grad(q, k, v, mask, scale)
         ctx.save_for_backward(q, k, v, mask)
         ctx.scale = scale
         return out
@@ -145,31 +193,15 @@ class _WindowAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         q, k, v, mask = ctx.saved_tensors
-        scale = ctx.scale
         dtype = q.dtype
-        # Matmuls in the inputs' dtype (bf16 ones as autocast's backward would run them),
-        # softmax and its gradient in at least float32; (B*nW, heads, N, *) layouts. Each of
-        # q, k, v and grad_out feeds two matmuls: made contiguous once, not once per matmul.
-        work = torch.promote_types(dtype, torch.float32)
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        grad_out = grad_out.to(dtype).transpose(1, 2).contiguous()  # (B*nW, heads, N, d)
-        probs = _probabilities(q, k, mask, scale)  # (B*nW, heads, N, M)
-        grad_probs = torch.matmul(grad_out, v.transpose(-1, -2)).to(work)  # (B*nW, heads, N, M)
-        # dS = P * (dP - rowsum(P * dP)); rowsum(P * dP) equals flash attention's
-        # rowsum(dO * O) and needs neither the output nor float32 copies of dO and O.
-        grad_logits = grad_probs.mul_(probs)
-        grad_logits.addcmul_(probs, grad_logits.sum(dim=-1, keepdim=True), value=-1.0)
-        grad_v = torch.matmul(probs.to(dtype).transpose(-1, -2), grad_out)
-        del probs
-        grad_mask = None
-        if mask is not None and ctx.needs_input_grad[3]:
-            windows = mask.shape[0]
-            grad_mask = grad_logits.view(-1, windows, *grad_logits.shape[1:]).sum(0)
-            grad_mask = grad_mask.to(mask.dtype)
-        grad_logits = grad_logits.mul_(scale).to(dtype)
-        grad_q = torch.matmul(grad_logits, k)
-        grad_k = torch.matmul(grad_logits.transpose(-1, -2), q)
-        return grad_q, grad_k, grad_v, grad_mask, None
+
+        def grad_out_of(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return grad_out.to(dtype).transpose(1, 2).contiguous()  # (B*nW, heads, N, d)
+
+        grads = attention_gradients(
+            q, k, v, mask, ctx.scale, grad_out_of, ctx.needs_input_grad[3]
+        )
+        return (*grads, None)
 
 
 def attend_qkv(
