@@ -132,9 +132,7 @@ class WindowAttention(nn.Module):
         else:
             qkv = fused.linear(x, self.qkv)
         # (3, B*nW, heads, N, d) as strided views: no copy of q, k or v.
-        q, k, v = qkv.view(batch * windows, tokens, 3, self.num_heads, self.head_dim).permute(
-            2, 0, 3, 1, 4
-        ).unbind(0)
+        q, k, v = self._split_qkv(qkv, batch * windows, tokens)
         table = self.relative_position_bias_table
         if torch.is_grad_enabled() and table.requires_grad:
             mask = self.window_mask(plan, qkv.dtype)  # rebuilt: the table needs its gradient
@@ -142,6 +140,16 @@ class WindowAttention(nn.Module):
             mask = self._cached_mask(plan, qkv.dtype, batch * windows)
         out = fused.attend_project(q, k, v, mask, self.scale, self.proj)  # (B*nW, N, C)
         return self.proj_drop(out.view(batch, length, channels))
+
+    def _split_qkv(
+        self, qkv: torch.Tensor, rows: int, tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as ``(rows, heads, N, d)`` strided views of the fused projection's output:
+        no copies."""
+        q, k, v = qkv.view(rows, tokens, 3, self.num_heads, self.head_dim).permute(
+            2, 0, 3, 1, 4
+        ).unbind(0)
+        return q, k, v
 
     def forward_window_rows(self, x: torch.Tensor, plan: WindowPlan, first: int) -> torch.Tensor:
         """Inference on a run of whole windows of ``plan``, without gradients.
@@ -156,9 +164,7 @@ class WindowAttention(nn.Module):
         """
         rows, tokens, channels = x.shape
         qkv = fused.linear(x, self.qkv)  # (rows, N, 3C)
-        q, k, v = qkv.view(rows, tokens, 3, self.num_heads, self.head_dim).permute(
-            2, 0, 3, 1, 4
-        ).unbind(0)  # each (rows, heads, N, d)
+        q, k, v = self._split_qkv(qkv, rows, tokens)  # each (rows, heads, N, d)
         windows = plan.num_windows
         mask = self._cached_mask(plan, torch.float32, windows)  # (nW or 1, heads, N, N)
         if mask is not None and mask.shape[0] == windows and rows < windows:

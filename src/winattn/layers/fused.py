@@ -188,7 +188,6 @@ class _NormMlpFunction(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         x, mean, rstd, pre, norm_weight, norm_bias, fc1_weight, fc2_weight = ctx.saved_tensors
         dtype = pre.dtype
-        width = x.shape[-1]
         with torch.autocast("cpu", enabled=False):
             grad_out = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])  # (T, C_out)
             hidden = F.gelu(pre).reshape(-1, pre.shape[-1])  # (T, 4C) recomputed
@@ -203,15 +202,8 @@ class _NormMlpFunction(torch.autograd.Function):
             grad_fc1_bias = grad_pre.sum(0).to(fc1_weight.dtype) if ctx.has_bias[0] else None
             grad_normed = _grad_input(grad_pre, fc1_weight.to(dtype))
             grad_normed = grad_normed.to(x.dtype).view(x.shape)
-            grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
-                grad_normed,
-                x,
-                (width,),
-                mean,
-                rstd,
-                norm_weight,
-                norm_bias,
-                [True, norm_weight is not None, norm_bias is not None],
+            grad_x, grad_norm_weight, grad_norm_bias = _layer_norm_backward(
+                grad_normed, x, mean, rstd, norm_weight, norm_bias
             )
         return (
             grad_x,
@@ -232,6 +224,38 @@ def _renormalise(
     pass, the same values), not an elementwise expression on the saved statistics."""
     width = x.shape[-1]
     return torch.native_layer_norm(x, (width,), weight, bias, eps)[0].reshape(-1, width)
+
+
+def _layer_norm_backward(
+    grad_normed: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of x, weight and bias of a LayerNorm over the last axis, from its statistics."""
+    return torch.ops.aten.native_layer_norm_backward(
+        grad_normed,
+        x,
+        (x.shape[-1],),
+        mean,
+        rstd,
+        weight,
+        bias,
+        [True, weight is not None, bias is not None],
+    )
+
+
+def _fusable_norm(x: torch.Tensor, norm: nn.Module) -> bool:
+    """Whether a fused norm Function can serve ``norm(x)`` with gradients: oneDNN on the CPU
+    in a dtype it computes in, and an affine LayerNorm."""
+    return (
+        _onednn_ready(x)
+        and compute_dtype(x) in _ONEDNN_DTYPES
+        and isinstance(norm, nn.LayerNorm)
+        and norm.weight is not None
+    )
 
 
 class _NormLinearFunction(torch.autograd.Function):
@@ -272,15 +296,8 @@ class _NormLinearFunction(torch.autograd.Function):
             grad_normed = _grad_input(grad_out, weight.to(dtype)).to(x.dtype).view(x.shape)
             if padding is not None:
                 grad_normed = grad_normed.masked_fill(padding, 0.0)
-            grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
-                grad_normed,
-                x,
-                (width,),
-                mean,
-                rstd,
-                norm_weight,
-                norm_bias,
-                [True, norm_weight is not None, norm_bias is not None],
+            grad_x, grad_norm_weight, grad_norm_bias = _layer_norm_backward(
+                grad_normed, x, mean, rstd, norm_weight, norm_bias
             )
         return grad_x, grad_norm_weight, grad_norm_bias, None, grad_weight, grad_bias, None
 
@@ -291,14 +308,7 @@ def norm_linear(
     """``layer(norm(x).masked_fill(padding, 0))``: with gradients on the CPU, a Function that
     does not keep the normalised input (:class:`_NormLinearFunction`); otherwise the modules
     and :func:`linear`. ``padding`` broadcasts against ``x`` (True: zero that token)."""
-    usable = (
-        torch.is_grad_enabled()
-        and _onednn_ready(x)
-        and compute_dtype(x) in _ONEDNN_DTYPES
-        and isinstance(norm, nn.LayerNorm)
-        and norm.weight is not None
-    )
-    if not usable:
+    if not (torch.is_grad_enabled() and _fusable_norm(x, norm)):
         normed = norm(x)
         if padding is not None:
             normed = normed.masked_fill(padding, 0.0)
@@ -391,8 +401,7 @@ def norm_mlp(x: torch.Tensor, norm: nn.LayerNorm, fc1: nn.Linear, fc2: nn.Linear
     memory-lean autograd Function (:class:`_NormMlpFunction`) with them, on CPU."""
     if not torch.is_grad_enabled():
         return linear(linear(norm(x), fc1, gelu=True), fc2)
-    usable = _onednn_ready(x) and compute_dtype(x) in _ONEDNN_DTYPES
-    if not usable or not isinstance(norm, nn.LayerNorm) or norm.weight is None:
+    if not _fusable_norm(x, norm):
         return fc2(F.gelu(fc1(norm(x))))
     return _NormMlpFunction.apply(
         x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias
