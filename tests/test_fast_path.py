@@ -295,6 +295,26 @@ def test_checkpointed_stages_give_the_same_gradients():
         torch.testing.assert_close(a, b)
 
 
+def test_swin_first_stage_recomputes_the_mlp_hidden_layer_without_changing_gradients():
+    torch.manual_seed(0)
+    model = SwinTransformer(SwinConfig(**TINY))  # float32: the fused Functions serve it
+    flags = [[b.recompute_mlp_hidden for b in stage.blocks] for stage in model.layers]
+    assert flags == [[True, True], [False] * 3]
+    with torch.no_grad():  # no zero biases: a recomputation that dropped one would show
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(2, 3, 30, 42)
+    grads = []
+    for recompute in (True, False):
+        for block in model.layers[0].blocks:
+            block.recompute_mlp_hidden = recompute
+        model.zero_grad()
+        model(x).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_norm_mlp_function_matches_modules():
     """float32 (the Function's oneDNN matmuls have no float64) against the modules in
     float64; float64 inputs take the modules themselves."""
@@ -321,6 +341,38 @@ def test_norm_mlp_function_matches_modules():
     torch.testing.assert_close(no_grad.double(), want, rtol=1e-5, atol=1e-5)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_norm_mlp_recomputing_its_hidden_layer_changes_no_value_and_keeps_less(autocast):
+    """``recompute_hidden`` reruns fc1 in backward on the same normalised input: outputs and
+    gradients are bit-identical to keeping the hidden layer, and the saved bytes drop by
+    exactly that layer."""
+    torch.manual_seed(0)
+    norm, fc1, fc2 = torch.nn.LayerNorm(32), torch.nn.Linear(32, 128), torch.nn.Linear(128, 32)
+    params = [*norm.parameters(), *fc1.parameters(), *fc2.parameters()]
+    weights = {p.untyped_storage().data_ptr() for p in params}
+    x = torch.randn(4, 49, 32, requires_grad=True)
+    grad = torch.randn(4, 49, 32)
+    results, kept = {}, {}
+    for recompute in (False, True):
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in weights:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = fused.norm_mlp(x, norm, fc1, fc2, recompute_hidden=recompute)
+        assert type(out.grad_fn).__name__ == "_NormMlpFunctionBackward"
+        kept[recompute] = sum(storages.values())
+        results[recompute] = [out, *torch.autograd.grad(out, [x, *params], grad)]
+    for a, b in zip(results[False], results[True]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    hidden_bytes = 4 * 49 * 128 * (2 if autocast else 4)
+    assert kept[False] - kept[True] == hidden_bytes
 
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -165,40 +165,57 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
 class _NormMlpFunction(torch.autograd.Function):
     """``fc2(gelu(fc1(layer_norm(x))))`` storing only ``x``, the norm statistics and the
     pre-activation ``fc1`` output: the normalised input and the GELU output (1 + 4 channel
-    widths per token) are recomputed in backward, which costs two passes.
+    widths per token) are recomputed in backward, which costs two passes. With
+    ``recompute_hidden`` the pre-activation (4 widths per token) is not kept either: backward
+    runs ``fc1`` again on the normalised input it recomputes anyway (one more matmul).
 
     Under CPU autocast the matmuls run in the autocast dtype and the norm in float32, as the
     modules would; gradients come back in the parameters' dtypes.
     """
 
     @staticmethod
-    def forward(ctx, x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, x, norm_weight, norm_bias, eps, fc1_weight, fc1_bias, fc2_weight, fc2_bias, recompute
+    ):
         width = (x.shape[-1],)
         dtype = compute_dtype(x)
         with torch.autocast("cpu", enabled=False):
             normed, mean, rstd = torch.native_layer_norm(x, width, norm_weight, norm_bias, eps)
             pre = _matmul_forward(normed.to(dtype), fc1_weight.to(dtype), _cast(fc1_bias, dtype))
+            del normed
             out = _matmul_forward(F.gelu(pre), fc2_weight.to(dtype), _cast(fc2_bias, dtype))
-        ctx.save_for_backward(x, mean, rstd, pre, norm_weight, norm_bias, fc1_weight, fc2_weight)
+        kept = None if recompute else pre
+        ctx.save_for_backward(
+            x, mean, rstd, kept, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight
+        )
         ctx.eps = eps
+        ctx.dtype = dtype
         ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        x, mean, rstd, pre, norm_weight, norm_bias, fc1_weight, fc2_weight = ctx.saved_tensors
-        dtype = pre.dtype
+        x, mean, rstd, pre, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight = (
+            ctx.saved_tensors
+        )
+        dtype = ctx.dtype
         with torch.autocast("cpu", enabled=False):
             grad_out = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])  # (T, C_out)
+            normed = None
+            if pre is None:  # recompute_hidden: fc1 again, on the recomputed normalised input
+                normed = _renormalise(x, norm_weight, norm_bias, ctx.eps).to(dtype)
+                pre = _matmul_forward(normed, fc1_weight.to(dtype), _cast(fc1_bias, dtype))
             hidden = F.gelu(pre).reshape(-1, pre.shape[-1])  # (T, 4C) recomputed
             grad_fc2_weight = _grad_weight(grad_out, hidden).to(fc2_weight.dtype)
             grad_fc2_bias = grad_out.sum(0).to(fc2_weight.dtype) if ctx.has_bias[1] else None
             grad_hidden = _grad_input(grad_out, fc2_weight.to(dtype))
             del hidden
             grad_pre = torch.ops.aten.gelu_backward(grad_hidden, pre.reshape(grad_hidden.shape))
-            del grad_hidden
-            normed = _renormalise(x, norm_weight, norm_bias, ctx.eps)
-            grad_fc1_weight = _grad_weight(grad_pre, normed.to(dtype)).to(fc1_weight.dtype)
+            del grad_hidden, pre
+            if normed is None:
+                normed = _renormalise(x, norm_weight, norm_bias, ctx.eps).to(dtype)
+            grad_fc1_weight = _grad_weight(grad_pre, normed).to(fc1_weight.dtype)
+            del normed
             grad_fc1_bias = grad_pre.sum(0).to(fc1_weight.dtype) if ctx.has_bias[0] else None
             grad_normed = _grad_input(grad_pre, fc1_weight.to(dtype))
             grad_normed = grad_normed.to(x.dtype).view(x.shape)
@@ -214,6 +231,7 @@ class _NormMlpFunction(torch.autograd.Function):
             grad_fc1_bias,
             grad_fc2_weight,
             grad_fc2_bias,
+            None,
         )
 
 
@@ -396,13 +414,29 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(dtype)
 
 
-def norm_mlp(x: torch.Tensor, norm: nn.LayerNorm, fc1: nn.Linear, fc2: nn.Linear) -> torch.Tensor:
+def norm_mlp(
+    x: torch.Tensor,
+    norm: nn.LayerNorm,
+    fc1: nn.Linear,
+    fc2: nn.Linear,
+    recompute_hidden: bool = False,
+) -> torch.Tensor:
     """``fc2(gelu(fc1(norm(x))))``: fused oneDNN ops without gradients, and a
-    memory-lean autograd Function (:class:`_NormMlpFunction`) with them, on CPU."""
+    memory-lean autograd Function (:class:`_NormMlpFunction`) with them, on CPU.
+    ``recompute_hidden`` trades one more ``fc1`` matmul in backward for not keeping its
+    output (four channel widths per token)."""
     if not torch.is_grad_enabled():
         return linear(linear(norm(x), fc1, gelu=True), fc2)
     if not _fusable_norm(x, norm):
         return fc2(F.gelu(fc1(norm(x))))
     return _NormMlpFunction.apply(
-        x, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias
+        x,
+        norm.weight,
+        norm.bias,
+        norm.eps,
+        fc1.weight,
+        fc1.bias,
+        fc2.weight,
+        fc2.bias,
+        recompute_hidden,
     )
