@@ -295,7 +295,10 @@ def test_checkpointed_stages_give_the_same_gradients():
         torch.testing.assert_close(a, b)
 
 
-def test_swin_first_stage_recomputes_the_mlp_hidden_layer_without_changing_gradients():
+def test_swin_first_stage_recomputes_the_mlp_hidden_layer_without_changing_gradients(
+    monkeypatch,
+):
+    monkeypatch.setattr(fused, "RECOMPUTE_CHUNK_TOKENS", 16)  # several chunks per stage
     torch.manual_seed(0)
     model = SwinTransformer(SwinConfig(**TINY))  # float32: the fused Functions serve it
     flags = [[b.recompute_mlp_hidden for b in stage.blocks] for stage in model.layers]
@@ -312,12 +315,14 @@ def test_swin_first_stage_recomputes_the_mlp_hidden_layer_without_changing_gradi
         model(x).sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_norm_mlp_function_matches_modules():
+@pytest.mark.parametrize("recompute", [False, True])
+def test_norm_mlp_function_matches_modules(monkeypatch, recompute):
     """float32 (the Function's oneDNN matmuls have no float64) against the modules in
-    float64; float64 inputs take the modules themselves."""
+    float64, keeping the hidden layer or recomputing it in chunks (21 tokens by 8)."""
+    monkeypatch.setattr(fused, "RECOMPUTE_CHUNK_TOKENS", 8)
     torch.manual_seed(0)
     norm, fc1, fc2 = torch.nn.LayerNorm(12), torch.nn.Linear(12, 48), torch.nn.Linear(48, 12)
     with torch.no_grad():
@@ -327,7 +332,7 @@ def test_norm_mlp_function_matches_modules():
     params = [*norm.parameters(), *fc1.parameters(), *fc2.parameters()]
     x = torch.randn(3, 7, 12, requires_grad=True)
     grad = torch.randn(3, 7, 12)
-    got = fused.norm_mlp(x, norm, fc1, fc2)
+    got = fused.norm_mlp(x, norm, fc1, fc2, recompute_hidden=recompute)
     assert type(got.grad_fn).__name__ == "_NormMlpFunctionBackward"
     got_grads = torch.autograd.grad(got, [x, *params], grad)
     with torch.no_grad():
@@ -344,10 +349,14 @@ def test_norm_mlp_function_matches_modules():
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_norm_mlp_recomputing_its_hidden_layer_changes_no_value_and_keeps_less(autocast):
-    """``recompute_hidden`` reruns fc1 in backward on the same normalised input: outputs and
-    gradients are bit-identical to keeping the hidden layer, and the saved bytes drop by
-    exactly that layer."""
+@pytest.mark.parametrize("chunk", [4096, 50])
+def test_norm_mlp_recomputing_its_hidden_layer_keeps_less_and_matches(monkeypatch, autocast, chunk):
+    """``recompute_hidden`` saves exactly the hidden layer's bytes fewer. In one chunk it runs
+    the same ops as keeping the layer: bit-identical. In several (196 tokens by 50, the last
+    one short) only the weight gradients' summation order changes: float32 within 1e-5; bf16
+    is held to STYLE's rule in test_bf16_autocast_training_error_within_twice_the_modules_error.
+    """
+    monkeypatch.setattr(fused, "RECOMPUTE_CHUNK_TOKENS", chunk)
     torch.manual_seed(0)
     norm, fc1, fc2 = torch.nn.LayerNorm(32), torch.nn.Linear(32, 128), torch.nn.Linear(128, 32)
     params = [*norm.parameters(), *fc1.parameters(), *fc2.parameters()]
@@ -369,10 +378,14 @@ def test_norm_mlp_recomputing_its_hidden_layer_changes_no_value_and_keeps_less(a
         assert type(out.grad_fn).__name__ == "_NormMlpFunctionBackward"
         kept[recompute] = sum(storages.values())
         results[recompute] = [out, *torch.autograd.grad(out, [x, *params], grad)]
-    for a, b in zip(results[False], results[True]):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
     hidden_bytes = 4 * 49 * 128 * (2 if autocast else 4)
     assert kept[False] - kept[True] == hidden_bytes
+    if chunk >= 196:
+        for a, b in zip(results[False], results[True]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    elif not autocast:
+        for a, b in zip(results[False], results[True]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -428,9 +441,12 @@ def test_norm_linear_under_bf16_autocast_within_tolerance_rule():
         assert (f.double() - e).abs().max() <= factor * (p.double() - e).abs().max() + 1e-5, i
 
 
-def test_bf16_autocast_training_error_within_twice_the_modules_error():
-    """STYLE's low-precision rule on the fused MLP: error against float64 at most 2x (output)
-    and 3x (gradients) the error of the plain modules under the same autocast, plus a floor."""
+@pytest.mark.parametrize("recompute", [False, True])
+def test_bf16_autocast_training_error_within_twice_the_modules_error(monkeypatch, recompute):
+    """STYLE's low-precision rule on the fused MLP, keeping the hidden layer or recomputing it
+    in chunks (196 tokens by 50): error against float64 at most 2x (output) and 3x
+    (gradients) the error of the plain modules under the same autocast, plus a floor."""
+    monkeypatch.setattr(fused, "RECOMPUTE_CHUNK_TOKENS", 50)
     torch.manual_seed(0)
     norm, fc1, fc2 = torch.nn.LayerNorm(32), torch.nn.Linear(32, 128), torch.nn.Linear(128, 32)
     params = [*norm.parameters(), *fc1.parameters(), *fc2.parameters()]
@@ -446,7 +462,7 @@ def test_bf16_autocast_training_error_within_twice_the_modules_error():
     with torch.autocast("cpu", enabled=False):
         exact = [t.double() for t in run(modules, False)]  # float32 is far below bf16 noise
     plain = run(modules, True)
-    fast = run(lambda t: fused.norm_mlp(t, norm, fc1, fc2), True)
+    fast = run(lambda t: fused.norm_mlp(t, norm, fc1, fc2, recompute_hidden=recompute), True)
     for i, (e, p, f) in enumerate(zip(exact, plain, fast)):
         factor = 2 if i == 0 else 3
         assert (f.double() - e).abs().max() <= factor * (p.double() - e).abs().max() + 1e-5, i
