@@ -223,16 +223,11 @@ class SwinBlock(nn.Module):
         return x + self.drop_path2(hidden)
 
     def _runs_in_window_groups(self, x: torch.Tensor) -> bool:
-        """Bfloat16 inference on the CPU (autocast or a bf16 model) goes through
-        :meth:`_forward_window_groups`, whose attention is two matmuls around a float32 softmax
-        (faster than SDPA's bf16 kernel at every Swin-T stage, docs/performance.md);
-        everything else keeps the whole-stage path."""
-        return (
-            not torch.is_grad_enabled()
-            and not self.training
-            and x.device.type == "cpu"
-            and fused.compute_dtype(x) == torch.bfloat16
-        )
+        """Inference on the CPU goes through :meth:`_forward_window_groups` (in bfloat16 its
+        attention is two matmuls around a float32 softmax, faster than SDPA's bf16 kernel at
+        every Swin-T stage; in float32 SDPA, per group); training keeps the whole-stage path,
+        whose Functions recompute in backward (docs/performance.md)."""
+        return not torch.is_grad_enabled() and not self.training and x.device.type == "cpu"
 
     def _forward_window_groups(
         self, x: torch.Tensor, plan: WindowPlan, padding: torch.Tensor | None
