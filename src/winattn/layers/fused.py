@@ -173,7 +173,7 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
 
 #: Tokens per chunk of :class:`_NormMlpFunction` when it recomputes the hidden layer: each
 #: chunk's ``(chunk, 4C)`` intermediates stay in cache and are small enough for the allocator
-#: to reuse (a fresh 38 MiB buffer, Swin-T stage 1 at batch 8 in float32, is above glibc's
+#: to reuse (a fresh 37 MiB buffer, Swin-T stage 1 at batch 8 in float32, is above glibc's
 #: mmap threshold and pays its page faults every time). Best of 2048, 4096 and 8192 measured.
 RECOMPUTE_CHUNK_TOKENS = 4096
 
