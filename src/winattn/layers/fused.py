@@ -247,7 +247,7 @@ class _NormMlpFunction(torch.autograd.Function):
                 normed = _renormalise(x, norm_weight, norm_bias, ctx.eps).to(dtype)
                 grad_fc1_weight = _grad_weight(grad_pre, normed)
                 del normed
-                grad_fc1_bias = grad_pre.sum(0)
+                grad_fc1_bias = grad_pre.sum(0) if ctx.has_bias[0] else None
                 grad_normed = _grad_input(grad_pre, fc1_weight.to(dtype)).to(x.dtype)
             grad_x, grad_norm_weight, grad_norm_bias = _layer_norm_backward(
                 grad_normed.view(x.shape), x, mean, rstd, norm_weight, norm_bias
@@ -259,7 +259,7 @@ class _NormMlpFunction(torch.autograd.Function):
             grad_norm_bias,
             None,
             grad_fc1_weight.to(fc1_weight.dtype),
-            grad_fc1_bias.to(fc1_weight.dtype) if ctx.has_bias[0] else None,
+            _cast(grad_fc1_bias, fc1_weight.dtype) if ctx.has_bias[0] else None,
             grad_fc2_weight.to(fc2_weight.dtype),
             grad_fc2_bias,
             None,
@@ -502,7 +502,7 @@ def norm_mlp(
     """``fc2(gelu(fc1(norm(x))))``: fused oneDNN ops without gradients, and a
     memory-lean autograd Function (:class:`_NormMlpFunction`) with them, on CPU.
     ``recompute_hidden`` trades one more ``fc1`` matmul in backward for not keeping its
-    output (four channel widths per token)."""
+    output (four channel widths per token), both passes running in chunks of tokens."""
     if not torch.is_grad_enabled():
         return linear(linear(norm(x), fc1, gelu=True), fc2)
     if not _fusable_norm(x, norm):

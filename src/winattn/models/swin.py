@@ -219,8 +219,8 @@ class SwinBlock(nn.Module):
         mlp = self.mlp
         if mlp.drop1.p or mlp.drop2.p:
             return x + self.drop_path2(mlp(self.norm2(x)))
-        hidden = fused.norm_mlp(x, self.norm2, mlp.fc1, mlp.fc2, self.recompute_mlp_hidden)
-        return x + self.drop_path2(hidden)
+        mlp_out = fused.norm_mlp(x, self.norm2, mlp.fc1, mlp.fc2, self.recompute_mlp_hidden)
+        return x + self.drop_path2(mlp_out)
 
     def _runs_in_window_groups(self, x: torch.Tensor) -> bool:
         """Inference on the CPU goes through :meth:`_forward_window_groups` (in bfloat16 its
