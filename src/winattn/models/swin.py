@@ -475,8 +475,8 @@ class SwinTransformer(SwinBackbone):
         self.layers = nn.Sequential(*stages)
         # The first stage holds the most activations per FLOP (tokens x width halves at each
         # stage while the FLOPs per block stay level): there, training recomputes the MLP's
-        # hidden layer, in chunks. Swin-T, batch 8: activations 446 -> 373 MiB, and the step
-        # measured 3% faster, not slower (docs/performance.md).
+        # hidden layer, in chunks. Swin-T, batch 8: activations 446 -> 373 MiB at about the
+        # same step time (paired runs: 3% faster to 5% slower; docs/performance.md).
         for block in stages[0].blocks:
             block.recompute_mlp_hidden = True
         self.norm = nn.LayerNorm(self.num_features)
