@@ -10,6 +10,8 @@ projection without copying q, k and v apart.
 
 from __future__ import annotations
 
+import math
+import weakref
 from typing import Callable
 
 import torch
@@ -85,18 +87,81 @@ def _fused_attention(
     return out.transpose(1, 2).contiguous()  # (B*nW, N, heads, d)
 
 
+# exp(x) of a float32 x at or below this is subnormal (under 2**-126) or zero.
+_LOG_FLOAT32_TINY = math.log(torch.finfo(torch.float32).tiny)
+# Mask slots whose entries reach this far below zero can make subnormal exponentials: Swin's
+# -100 between shift regions (a logit 100 below its row's maximum has exp() = 3.7e-44).
+_DEEP_MASK_VALUE = -50.0
+_deep_slot_cache: dict[int, tuple[weakref.ref, int, torch.Tensor | None]] = {}
+
+
+def _deep_mask_slots(mask: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the slots of ``mask`` ``(m, heads, N, M)`` (windows, or windows x heads
+    where ``heads > 1``) with entries below ``_DEEP_MASK_VALUE``, or None when no slot has.
+    Cached per mask tensor and version, as the models' eval masks are."""
+    key = id(mask)
+    hit = _deep_slot_cache.get(key)
+    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
+        return hit[2]
+    slot_entries = mask.detach().flatten(0, 1) if mask.shape[1] > 1 else mask.detach()
+    deep = slot_entries.flatten(1).amin(dim=1) < _DEEP_MASK_VALUE  # (slots,)
+    slots = deep.nonzero().flatten() if bool(deep.any()) else None
+    if len(_deep_slot_cache) >= 256:
+        _deep_slot_cache.clear()
+    _deep_slot_cache[key] = (weakref.ref(mask), mask._version, slots)
+    return slots
+
+
+def _flush_subnormal_exponentials(logits: torch.Tensor) -> torch.Tensor:
+    """Set to -inf, in place, each float32 logit whose exponential relative to its row's
+    maximum would be subnormal: ``(..., M)``. The softmax of the result is bit for bit the
+    softmax of the input computed with subnormals flushed to zero.
+
+    Why: an exponential that lands in float32's subnormal range takes a microcode assist on
+    x86 CPUs, and the shifted windows' -100 puts about a quarter of their logits there. In
+    PyTorch's softmax kernel that made the shifted blocks' softmax 4-7x slower than the
+    unshifted ones'. Such a probability is below 1.2e-38 times the row's largest, so the
+    attention output does not change in any digit float32 holds.
+    """
+    logits.sub_(logits.amax(dim=-1, keepdim=True))
+    return F.threshold_(logits, _LOG_FLOAT32_TINY, float("-inf"))
+
+
 def _probabilities(
     q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
     """``softmax(scale * q @ k^T + mask)`` with the matmul in q's dtype and the scale, mask and
     softmax in at least float32: ``(rows, heads, N, M)``. ``mask`` ``(m, heads, N, M)`` with
-    ``m`` dividing the rows (windows innermost), or None."""
+    ``m`` dividing the rows (windows innermost), or None.
+
+    In float32, probabilities below 2**-126 of their row's largest come out as zero rather than
+    subnormal (see :func:`_flush_subnormal_exponentials`), in the mask slots deep enough to
+    make them."""
     work = torch.promote_types(q.dtype, torch.float32)
     logits = torch.matmul(q, k.transpose(-1, -2)).to(work).mul_(scale)  # (rows, heads, N, M)
     if mask is not None:
         windows = mask.shape[0]
         logits.view(-1, windows, *logits.shape[1:]).add_(mask.to(work))
+        slots = _deep_mask_slots(mask) if work == torch.float32 else None
+        if slots is not None:
+            _flush_in_slots(logits, mask.shape, slots)
     return torch.softmax(logits, dim=-1)
+
+
+def _flush_in_slots(logits: torch.Tensor, mask_shape: torch.Size, slots: torch.Tensor) -> None:
+    """:func:`_flush_subnormal_exponentials` on the mask slots listed (the whole tensor when
+    they are most of it): ``logits`` ``(rows, heads, N, M)``, ``mask_shape`` ``(m, heads or 1,
+    N, M)``, ``slots`` from :func:`_deep_mask_slots`."""
+    windows, mask_heads = mask_shape[0], mask_shape[1]
+    if mask_heads > 1:
+        by_slot = logits.view(-1, windows * mask_heads, *logits.shape[2:])  # (B, m*heads, N, M)
+    else:
+        by_slot = logits.view(-1, windows, *logits.shape[1:])  # (B, m, heads, N, M)
+    if 2 * slots.numel() > by_slot.shape[1]:
+        _flush_subnormal_exponentials(logits)
+        return
+    deep = _flush_subnormal_exponentials(by_slot.index_select(1, slots))
+    by_slot.index_copy_(1, slots, deep)
 
 
 def explicit_attention(
