@@ -493,6 +493,7 @@ def winattn_create(name):
 
 # --------------------------------------------------------------------------- grouped inference
 from winattn.models import swin as swin_module  # noqa: E402
+from winattn.ops.backends import sdpa as sdpa_module  # noqa: E402
 from winattn.ops.backends.sdpa import explicit_attention  # noqa: E402
 
 
@@ -547,6 +548,7 @@ def test_grouped_inference_matches_whole_stage_exactly_in_float64(monkeypatch, g
 
 
 def test_grouped_bf16_inference_error_within_twice_the_whole_stage_error(monkeypatch):
+    monkeypatch.setattr(sdpa_module, "cpu_has_amx", lambda: False)  # AMX: no groups in bf16
     torch.manual_seed(0)
     model = SwinTransformer(SwinConfig(**TINY)).eval()
     x = torch.randn(3, 3, 30, 42)
@@ -561,6 +563,7 @@ def test_grouped_bf16_inference_error_within_twice_the_whole_stage_error(monkeyp
 
 
 def test_bf16_inference_runs_a_small_stage_as_one_group(monkeypatch):
+    monkeypatch.setattr(sdpa_module, "cpu_has_amx", lambda: False)  # AMX: no groups in bf16
     torch.manual_seed(0)
     model = SwinTransformer(SwinConfig(**TINY)).eval()
     x = torch.randn(3, 3, 30, 42)
@@ -637,9 +640,11 @@ def test_auto_path_expects_the_fused_kernel_only_on_cuda_with_triton(monkeypatch
     assert not swin_module.fused_kernel_expected(cuda_like)
 
 
-def test_float32_gradients_through_onednn_match_float64():
-    """The fused linears' float32 backward (oneDNN for the weight gradients at few rows, the
-    BLAS at many) against the plain modules in float64."""
+@pytest.mark.parametrize("amx", [False, True])
+def test_float32_gradients_through_onednn_match_float64(monkeypatch, amx):
+    """The fused linears' float32 backward (without AMX oneDNN for the weight gradients at few
+    rows and the BLAS at many; with AMX the BLAS) against the plain modules in float64."""
+    monkeypatch.setattr(sdpa_module, "cpu_has_amx", lambda: amx)
     torch.manual_seed(0)
     norm, fc1, fc2 = torch.nn.LayerNorm(16), torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
     qkv = torch.nn.Linear(16, 48)

@@ -66,23 +66,32 @@ def _matmul_forward(
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+def _onednn_float32_backward() -> bool:
+    """Whether float32 backward matmuls go to oneDNN: yes where the BLAS is slow at them (on the
+    AMD Zen 4 measured it ran float32 at 204 GFLOP/s against oneDNN's 449), no on Intel CPUs
+    with AMX, where the BLAS is as fast and takes transposed operands without the copies oneDNN
+    needs (a float32 Swin-T step measured 1.1x faster there on the BLAS)."""
+    return not sdpa.cpu_has_amx()
+
+
 def _grad_input(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``grad @ weight`` for a linear layer's backward, ``(T, out) -> (T, in)``: in bfloat16
-    ``mm`` on the untransposed weight (measured 13% faster on Swin-T's shapes); in float32 a
-    oneDNN "linear" against a transposed copy of the weight (the BLAS runs at half of oneDNN's
-    rate there)."""
+    """``grad @ weight`` for a linear layer's backward, ``(T, out) -> (T, in)``: ``mm`` on the
+    untransposed weight (bfloat16: measured 13% faster on Swin-T's shapes), or in float32 where
+    :func:`_onednn_float32_backward`, a oneDNN "linear" against a transposed copy of it."""
     return _grad_input_by(grad, _grad_input_operand(weight))
 
 
 def _grad_input_operand(weight: torch.Tensor) -> torch.Tensor:
     """The weight as :func:`_grad_input` multiplies by it (prepared once for several calls)."""
-    return weight if weight.dtype == torch.bfloat16 else weight.t().contiguous()
+    if weight.dtype == torch.float32 and _onednn_float32_backward():
+        return weight.t().contiguous()
+    return weight
 
 
 def _grad_input_by(grad: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
-    if grad.dtype == torch.bfloat16:
-        return torch.mm(grad, operand)
-    return _matmul_forward(grad, operand, None)
+    if grad.dtype == torch.float32 and _onednn_float32_backward():
+        return _matmul_forward(grad, operand, None)
+    return torch.mm(grad, operand)
 
 
 #: Most rows (tokens) for which a float32 weight gradient goes to oneDNN: there the BLAS mm is
@@ -93,10 +102,15 @@ _ONEDNN_GRAD_WEIGHT_MAX_ROWS = 2048
 def _grad_weight(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``grad.T @ x`` for a linear layer's weight gradient, ``(T, out), (T, in) -> (out, in)``.
 
-    float32 with at most :data:`_ONEDNN_GRAD_WEIGHT_MAX_ROWS` rows: a oneDNN "linear" on the
-    transposed views (no copies); otherwise the BLAS ``mm``.
+    float32 with at most :data:`_ONEDNN_GRAD_WEIGHT_MAX_ROWS` rows where
+    :func:`_onednn_float32_backward`: a oneDNN "linear" on the transposed views (which it
+    copies); otherwise the BLAS ``mm``.
     """
-    if grad.dtype == torch.float32 and grad.shape[0] <= _ONEDNN_GRAD_WEIGHT_MAX_ROWS:
+    if (
+        grad.dtype == torch.float32
+        and grad.shape[0] <= _ONEDNN_GRAD_WEIGHT_MAX_ROWS
+        and _onednn_float32_backward()
+    ):
         return _matmul_forward(grad.t(), x.t(), None)
     return grad.t() @ x
 

@@ -10,7 +10,9 @@ projection without copying q, k and v apart.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import weakref
 from typing import Callable
 
@@ -179,10 +181,23 @@ def explicit_attention(
     return torch.matmul(probs, v.contiguous()).transpose(1, 2).contiguous()
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Xeon from Sapphire Rapids on), on which PyTorch's
+    bfloat16 matmuls and SDPA's bfloat16 kernel run; ``WINATTN_CPU_AMX=0`` or ``1`` overrides
+    the probe (to reproduce the other CPU's choices)."""
+    forced = os.environ.get("WINATTN_CPU_AMX")
+    if forced in ("0", "1"):
+        return forced == "1"
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
 def prefers_matmuls(q: torch.Tensor) -> bool:
-    """Whether :func:`explicit_attention` beats SDPA for q: bfloat16 on the CPU (measured in
-    docs/performance.md; float32 stays with SDPA, which wins there)."""
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16
+    """Whether :func:`explicit_attention` beats SDPA for q: bfloat16 on a CPU without AMX
+    (measured in docs/performance.md: there SDPA's bf16 kernel is slower than its float32 one;
+    with AMX it is the faster, and float32 stays with SDPA everywhere)."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and not cpu_has_amx()
 
 
 def attend_without_grad(
