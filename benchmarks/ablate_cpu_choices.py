@@ -2,7 +2,8 @@
 process, the variants taking turns call by call (as ``winattn bench`` does), timm for scale.
 
 Inference (``--dtype fp32 bf16``, ``--batch``): ``default``; ``matmul-attn`` / ``sdpa-attn``
-(attention as two matmuls around a float32 softmax, or SDPA's fused kernel, whatever the CPU);
+(bf16 attention as two matmuls around a float32 softmax, or SDPA's fused kernel, whatever the
+CPU; float32 always takes SDPA);
 ``groups`` / ``whole-stages`` (blocks run a group of windows at a time, or on whole stages);
 ``no-packing`` (plain bf16 weights instead of oneDNN's blocked layout); ``no-onednn`` (the
 linears as ``nn.Linear`` runs them). Training (``--train``, batch 8): ``default``, ``no-flush``
