@@ -70,17 +70,3 @@ def test_float32_backward_matmuls_follow_the_cpu(monkeypatch, amx):
     want = torch.autograd.grad(layer(x), [x, layer.weight], torch.ones_like(out))
     for g, w in zip(grads, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("amx", [False, True])
-def test_float32_inference_weights_pack_on_amx_and_follow_updates(monkeypatch, amx):
-    monkeypatch.setattr(sdpa, "cpu_has_amx", lambda: amx)
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(16, 24)
-    x = torch.randn(40, 16)
-    with torch.no_grad():
-        first = fused.linear(x, layer)
-        assert (fused._inference_weight(layer, torch.float32) is layer.weight) == (not amx)
-        torch.testing.assert_close(first, layer(x), rtol=1e-6, atol=1e-6)
-        layer.weight.mul_(2.0)  # a packed copy must not be served after the update
-        torch.testing.assert_close(fused.linear(x, layer), layer(x), rtol=1e-6, atol=1e-6)

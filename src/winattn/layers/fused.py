@@ -145,19 +145,13 @@ class _LinearFunction(torch.autograd.Function):
 _INFERENCE_WEIGHTS: weakref.WeakKeyDictionary[nn.Linear, dict] = weakref.WeakKeyDictionary()
 
 
-def _packs_weights(dtype: torch.dtype) -> bool:
-    """Whether inference weights in ``dtype`` are reordered into oneDNN's blocked layout:
-    bfloat16 always; float32 on CPUs with AMX, where it measured faster (not on the AMD)."""
-    return dtype == torch.bfloat16 or (dtype == torch.float32 and sdpa.cpu_has_amx())
-
-
 def _inference_weight(layer: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
     """``layer.weight`` for a no-grad oneDNN call in ``dtype``, cached until the parameter
     changes (its storage or version). bfloat16 weights are also reordered once into oneDNN's
     blocked layout, which the matmul otherwise redoes on every call (a bf16 Swin-T forward
     measured 2-20% faster across runs; float32 was not faster, so it keeps plain weights)."""
     weight = layer.weight
-    pack = _packs_weights(dtype) and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    pack = dtype == torch.bfloat16 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     if weight.dtype == dtype and not pack:
         return weight
     stamp = (weight.data_ptr(), weight._version)
