@@ -120,9 +120,9 @@ def _flush_subnormal_exponentials(logits: torch.Tensor) -> torch.Tensor:
     softmax of the input computed with subnormals flushed to zero.
 
     Why: an exponential that lands in float32's subnormal range takes a microcode assist on
-    x86 CPUs, and the shifted windows' -100 puts about a quarter of their logits there. In
-    PyTorch's softmax kernel that made the shifted blocks' softmax 4-7x slower than the
-    unshifted ones'. Such a probability is below 1.2e-38 times the row's largest, so the
+    x86 CPUs, and Swin's -100 puts about half the logits of the windows that straddle a shift
+    boundary there. In PyTorch's softmax kernel that made those windows' softmax 4-7x slower
+    than the others'. Such a probability is below 1.2e-38 times the row's largest, so the
     attention output does not change in any digit float32 holds.
     """
     logits.sub_(logits.amax(dim=-1, keepdim=True))
