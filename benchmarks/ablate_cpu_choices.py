@@ -21,9 +21,8 @@ import argparse
 import statistics
 
 import torch
-import torch.nn.functional as F
 
-from winattn.cli.bench_cases import autocast_context, build_peers, time_interleaved
+from winattn.cli.bench_cases import autocast_context, build_peers, time_interleaved, train_step_fn
 from winattn.layers import attention, fused
 from winattn.models import swin
 from winattn.ops.backends import sdpa
@@ -109,27 +108,17 @@ def main() -> None:
                     times = time_interleaved(fns, args.warmup, args.repeats)
                 _table(f"inference, {dtype}, batch {batch}", times)
             if args.train:
-                _training(ours, timm, dtype, args)
+                _training(peers, dtype, args)
     finally:
         apply("default")
 
 
-def _training(ours: torch.nn.Module, timm: torch.nn.Module, dtype: str, args) -> None:
-    ours.train(), timm.train()
+def _training(peers: dict, dtype: str, args) -> None:
     x, y = torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
-    optimizers = {m: torch.optim.AdamW(m.parameters(), lr=1e-6) for m in (ours, timm)}
-
-    def step(model: torch.nn.Module, variant: str) -> None:
-        apply(variant)
-        with autocast_context(dtype):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizers[model].step()
-        optimizers[model].zero_grad(set_to_none=True)
-
+    ours, timm = (train_step_fn(peers[name], x, y, dtype) for name in ("winattn", "timm"))
     variants = ["default", "no-flush"] + (["onednn-bwd", "blas-bwd"] if dtype == "fp32" else [])
-    fns = {v: (lambda v=v: step(ours, v)) for v in variants}
-    fns["timm"] = lambda: step(timm, "default")
+    fns = {v: (lambda v=v: (apply(v), ours())) for v in variants}
+    fns["timm"] = lambda: (apply("default"), timm())
     times = time_interleaved(fns, args.warmup, args.repeats)
     _table(f"training step, {dtype}, batch 8", times)
 
