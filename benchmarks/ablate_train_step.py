@@ -1,9 +1,12 @@
 """Swin-T training steps on the CPU, split into forward, backward and optimizer, with the MLP
-hidden-layer recomputation in no stage, the first (the default) or the first two, and timm
-for scale; one process, the variants taking turns step by step.
+hidden-layer recomputation in no stage, the first (the default) or the first two, the default
+with PyTorch's fused AdamW (what ``winattn train`` builds), and timm for scale; one process,
+the variants taking turns step by step.
 
-Each variant keeps its own AdamW (lr 1e-5, so the weights barely move) on its own model, all
-loaded with the same timm weights; drop path is off in both libraries. Prints the median
+winattn's variants share one model and one AdamW, timm has its own (lr 1e-5, so the weights
+barely move; both the foreach AdamW that ``torch.optim.AdamW`` picks by default, as ``winattn
+bench`` gives both libraries); the fused variant steps winattn's model with a second, fused
+AdamW. Both models carry the same timm weights; drop path is off in both. Prints the median
 milliseconds of each part and each variant's step time over winattn's default (above 1: the
 default is faster), and the activation memory (bytes autograd saves in one forward). These
 are the A/B figures docs/performance.md quotes for the first stage's recomputation and the
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from winattn.cli.bench_cases import autocast_context, build_peers, saved_activation_bytes
 
 VARIANTS = {"none": (), "stage 1 (default)": (0,), "stages 1-2": (0, 1)}
+FUSED = "stage 1, fused AdamW"
 
 
 def main() -> None:
@@ -43,13 +47,14 @@ def main() -> None:
         name: torch.optim.AdamW(peer.model.parameters(), lr=1e-5)
         for name, peer in (("winattn", ours), ("timm", timm))
     }
+    optimizers[FUSED] = torch.optim.AdamW(ours.model.parameters(), lr=1e-5, fused=True)
 
     def recompute_in(stages: tuple[int, ...]) -> None:
         for i, stage in enumerate(ours.model.layers):
             for block in stage.blocks:
                 block.recompute_mlp_hidden = i in stages
 
-    def step(name: str, dtype: str) -> tuple[float, float, float]:
+    def step(name: str, dtype: str, optimizer: torch.optim.Optimizer) -> tuple[float, ...]:
         peer = ours if name == "winattn" else timm
         peer.model.train()
         start = time.perf_counter()
@@ -58,13 +63,14 @@ def main() -> None:
         forward = time.perf_counter()
         loss.backward()
         backward = time.perf_counter()
-        optimizers[name].step()
-        optimizers[name].zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         done = time.perf_counter()
         return forward - start, backward - forward, done - backward
 
     for dtype in args.dtype:
         runs = {label: ("winattn", stages) for label, stages in VARIANTS.items()}
+        runs[FUSED] = ("winattn", VARIANTS["stage 1 (default)"])
         runs["timm"] = ("timm", ())
         activations = {}
         for label, (name, stages) in runs.items():
@@ -75,7 +81,7 @@ def main() -> None:
         for i in range(args.warmup + args.repeats):
             for label, (name, stages) in runs.items():
                 recompute_in(stages)
-                split = step(name, dtype)
+                split = step(name, dtype, optimizers[label if label == FUSED else name])
                 if i >= args.warmup:
                     times[label].append(split)
         recompute_in(VARIANTS["stage 1 (default)"])

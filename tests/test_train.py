@@ -15,7 +15,7 @@ from torch import nn
 
 import _winattn_train_stub as stub
 from winattn.train import Interrupted, Trainer, TrainConfig, atomic_save, train
-from winattn.train.optim import ModelEma, build_scheduler, param_groups
+from winattn.train.optim import ModelEma, build_optimizer, build_scheduler, param_groups
 from winattn.train.report import read_metrics
 from winattn.train.state import load_train_checkpoint
 
@@ -63,6 +63,26 @@ def test_warmup_then_cosine_schedule():
         expect = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 2) / 8))
         assert lrs[step] == pytest.approx(expect)
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_fused_optimizer_steps_as_the_foreach_one():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    twin = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    twin.load_state_dict(model.state_dict())
+    fused = build_optimizer(model, lr=0.1, weight_decay=0.05)
+    assert fused.defaults["fused"] is True
+    foreach = torch.optim.AdamW(param_groups(twin, 0.05), lr=0.1, foreach=True)
+    for _ in range(3):
+        x = torch.randn(4, 6)
+        for net, optimizer in ((model, fused), (twin, foreach)):
+            optimizer.zero_grad(set_to_none=True)
+            net(x).square().sum().backward()
+            optimizer.step()
+    for ours, reference in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(ours, reference)
+    # the groups survive: decay on the matrices, none on norms and biases
+    assert [g["weight_decay"] for g in fused.param_groups] == [0.05, 0.0]
 
 
 def test_ema_moves_towards_the_weights():
