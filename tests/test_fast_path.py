@@ -330,13 +330,16 @@ def test_swin_first_stage_recomputes_the_mlp_hidden_layer_without_changing_gradi
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("recompute", [False, True])
-def test_norm_mlp_function_matches_modules(monkeypatch, recompute):
+def test_norm_mlp_function_matches_modules(monkeypatch, recompute, bias):
     """float32 (the Function's oneDNN matmuls have no float64) against the modules in
-    float64, keeping the hidden layer or recomputing it in chunks (21 tokens by 8)."""
+    float64, keeping the hidden layer or recomputing it in chunks (21 tokens by 8), with and
+    without the linears' biases."""
     monkeypatch.setattr(fused, "RECOMPUTE_CHUNK_TOKENS", 8)
     torch.manual_seed(0)
-    norm, fc1, fc2 = torch.nn.LayerNorm(12), torch.nn.Linear(12, 48), torch.nn.Linear(48, 12)
+    norm = torch.nn.LayerNorm(12)
+    fc1, fc2 = torch.nn.Linear(12, 48, bias=bias), torch.nn.Linear(48, 12, bias=bias)
     with torch.no_grad():
         for module in (norm, fc1, fc2):
             for p in module.parameters():

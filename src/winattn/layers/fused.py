@@ -301,16 +301,16 @@ def _chunked_mlp_backward(
     fc1_bias: torch.Tensor | None,
     fc2_weight: torch.Tensor,
     grad_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``normed`` (in ``grad_dtype``), fc1's weight and bias and fc2's weight
-    (float32 sums over chunks), recomputing fc1 and the GELU chunk by chunk as
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Gradients of ``normed`` (in ``grad_dtype``), fc1's weight and bias (None without one)
+    and fc2's weight (float32 sums over chunks), recomputing fc1 and the GELU chunk by chunk as
     :func:`_chunked_mlp_forward` computed them."""
     dtype = normed.dtype
     tokens = normed.shape[0]
     w1 = fc1_weight.to(dtype)
     w1_by, w2_by = _grad_input_operand(w1), _grad_input_operand(fc2_weight.to(dtype))
     grad_w1 = torch.zeros(w1.shape, dtype=torch.float32)
-    grad_b1 = torch.zeros(w1.shape[0], dtype=torch.float32)
+    grad_b1 = torch.zeros(w1.shape[0], dtype=torch.float32) if fc1_bias is not None else None
     grad_w2 = torch.zeros(fc2_weight.shape, dtype=torch.float32)
     grad_normed = torch.empty(tokens, w1.shape[1], dtype=grad_dtype)
     for start in range(0, tokens, RECOMPUTE_CHUNK_TOKENS):
@@ -322,7 +322,8 @@ def _chunked_mlp_backward(
         torch.ops.aten.gelu_backward.grad_input(grad_pre, pre, grad_input=grad_pre)
         del pre
         grad_w1 += _grad_weight(grad_pre, inputs)
-        grad_b1 += grad_pre.sum(0)
+        if grad_b1 is not None:
+            grad_b1 += grad_pre.sum(0)
         grad_normed[rows] = _grad_input_by(grad_pre, w1_by)
     return grad_normed, grad_w1, grad_b1, grad_w2
 
