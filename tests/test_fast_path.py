@@ -105,6 +105,24 @@ def test_move_tokens_gradient_is_the_inverse_gather():
     assert torch.autograd.gradcheck(lambda t: move_tokens(t, shifted, plain), (small,))
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gather_tokens_is_index_select_on_the_token_axis(batch):
+    """Row gathers for every image at once, on a non-contiguous input and an index that drops
+    and repeats tokens (as reversing a padded plan drops the padding); gradients too."""
+    from winattn.ops.geometry import gather_tokens
+
+    x = torch.randn(batch, 5, 11, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    index = torch.tensor([10, 0, 3, 3, 7, 1])
+    got = gather_tokens(x, index)
+    want = x.index_select(1, index)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    grad = torch.randn_like(want)
+    torch.testing.assert_close(
+        torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(want, x, grad)[0],
+        rtol=0, atol=0,
+    )
+
+
 def test_padded_token_mask_marks_exactly_the_padding():
     plan = plan_windows((14, 14), (7, 7), (3, 3))
     outside = padded_token_mask(plan, (12, 13))

@@ -135,7 +135,7 @@ class WindowPlan:
                 pad += [0, p - n]
             x = torch.nn.functional.pad(x, pad)
         x = x.reshape(batch, -1, features)  # (B, prod(padded), F)
-        x = x.index_select(1, self.gather_index)  # (B, nW * N, F)
+        x = gather_tokens(x, self.gather_index)  # (B, nW * N, F)
         return x.view(batch, self.num_windows, self.window_tokens, features)
 
     def reverse(self, windows: torch.Tensor) -> torch.Tensor:
@@ -145,8 +145,24 @@ class WindowPlan:
         """
         batch, features = windows.shape[0], windows.shape[-1]
         flat = windows.reshape(batch, -1, features)  # (B, nW * N, F)
-        out = flat.index_select(1, self.scatter_index)  # (B, prod(grid), F)
+        out = gather_tokens(flat, self.scatter_index)  # (B, prod(grid), F)
         return out.view(batch, *self.grid, features)
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(1, index)`` for ``x`` ``(B, L, F)`` and ``index`` ``(M,)``: ``(B, M, F)``.
+
+    Taken as one ``index_select`` on dim 0 of ``x`` viewed ``(B*L, F)``, with the index offset
+    by each image's block of rows: PyTorch's CPU kernel copies whole rows there, where on
+    dim 1 of a 3-D tensor it goes element by element (Swin-T stage 1 at batch 8, float32:
+    0.39 against 0.72 ms in isolation).
+    """
+    batch, length, features = x.shape
+    if batch == 1:
+        return x.reshape(length, features).index_select(0, index).unsqueeze(0)
+    offsets = torch.arange(0, batch * length, length, device=index.device)  # (B,)
+    rows = (offsets[:, None] + index).reshape(-1)  # (B*M,)
+    return x.reshape(batch * length, features).index_select(0, rows).view(batch, -1, features)
 
 
 @lru_cache(maxsize=256)
@@ -281,12 +297,12 @@ class _PermuteTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, index, inverse):  # type: ignore[override]
         ctx.save_for_backward(inverse)
-        return x.index_select(1, index)
+        return gather_tokens(x, index)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         (inverse,) = ctx.saved_tensors
-        return grad.index_select(1, inverse), None, None
+        return gather_tokens(grad, inverse), None, None
 
 
 def move_tokens(x: torch.Tensor, source: WindowPlan, target: WindowPlan) -> torch.Tensor:
@@ -294,7 +310,7 @@ def move_tokens(x: torch.Tensor, source: WindowPlan, target: WindowPlan) -> torc
     index = transition_index(source, target)
     if torch.is_grad_enabled() and x.requires_grad:
         return _PermuteTokens.apply(x, index, transition_index(target, source))
-    return x.index_select(1, index)
+    return gather_tokens(x, index)
 
 
 @lru_cache(maxsize=256)
