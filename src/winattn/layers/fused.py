@@ -172,11 +172,13 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
     """
     dtype = compute_dtype(x)
     if _onednn_ready(x) and dtype in _ONEDNN_DTYPES and layer.weight.dtype in _ONEDNN_DTYPES:
+        if not torch.is_grad_enabled():
+            # Autocast has no rule for the oneDNN op, so it need not be switched off here
+            # (entering and leaving that context was ~0.5 ms of a 20 ms bf16 forward).
+            weight = _inference_weight(layer, dtype)
+            bias = _cast(layer.bias, dtype)
+            return _matmul_forward(x.to(dtype), weight, bias, "gelu" if gelu else "none")
         with torch.autocast("cpu", enabled=False):
-            if not torch.is_grad_enabled():
-                weight = _inference_weight(layer, dtype)
-                bias = _cast(layer.bias, dtype)
-                return _matmul_forward(x.to(dtype), weight, bias, "gelu" if gelu else "none")
             out = _LinearFunction.apply(
                 x.to(dtype), layer.weight.to(dtype), _cast(layer.bias, dtype)
             )
