@@ -213,16 +213,15 @@ def test_attend_project_function_matches_attention_then_linear(mask_rows):
         leaves = [qkv.to(dtype).clone().requires_grad_()]
         if mask is not None:
             leaves.append(mask.to(dtype).clone().requires_grad_())
-        q, k, v = leaves[0].permute(2, 0, 3, 1, 4).unbind(0)
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            out = fn(q, k, v, leaves[1] if mask is not None else None)
+            out = fn(leaves[0], leaves[1] if mask is not None else None)
         params = list(proj.parameters())
         grads = torch.autograd.grad(out, leaves + params, grad.to(dtype))
         return [out.detach(), *grads], saved
 
-    def fast(q, k, v, m):
-        out = fused.attend_project(q, k, v, m, 0.3, proj)
+    def fast(qkv, m):
+        out = fused.attend_project(qkv, m, 0.3, proj)
         assert type(out.grad_fn).__name__ == "_AttendProjectFunctionBackward"
         return out
 
@@ -230,8 +229,8 @@ def test_attend_project_function_matches_attention_then_linear(mask_rows):
     assert not [t for t in saved if tuple(t.shape) in ((rows, tokens, heads, head_dim),
                                                       (rows, heads, tokens, tokens))]
 
-    def reference(q, k, v, m):
-        out = attend_qkv(q, k, v, m, 0.3)
+    def reference(qkv, m):
+        out = attend_qkv(*qkv.permute(2, 0, 3, 1, 4).unbind(0), m, 0.3)
         return proj(out.reshape(rows, tokens, channels))
 
     want, _ = run(reference, torch.float64)
@@ -251,19 +250,18 @@ def test_attend_project_under_bf16_autocast_within_tolerance_rule():
         leaves = [qkv.clone().requires_grad_(), mask.clone().requires_grad_()]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
             qkv_c = leaves[0].to(torch.bfloat16) if cast else leaves[0]
-            q, k, v = qkv_c.permute(2, 0, 3, 1, 4).unbind(0)
-            out = fn(q, k, v, leaves[1].to(q.dtype))
+            out = fn(qkv_c, leaves[1].to(qkv_c.dtype))
         grads = torch.autograd.grad(out.float(), leaves + list(proj.parameters()), grad)
         return [out.float(), *grads]
 
-    def modules(q, k, v, m):
-        out = attend_qkv(q, k, v, m, head_dim**-0.5)
+    def modules(qkv, m):
+        out = attend_qkv(*qkv.permute(2, 0, 3, 1, 4).unbind(0), m, head_dim**-0.5)
         return proj(out.reshape(rows, tokens, -1))
 
     with torch.autocast("cpu", enabled=False):
         exact = [t.double() for t in run(modules, False)]
     plain = run(modules, True)
-    fast = run(lambda q, k, v, m: fused.attend_project(q, k, v, m, head_dim**-0.5, proj), True)
+    fast = run(lambda qkv, m: fused.attend_project(qkv, m, head_dim**-0.5, proj), True)
     _assert_within_tolerance_rule(exact, plain, fast, 1e-4)
 
 

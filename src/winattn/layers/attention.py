@@ -131,14 +131,14 @@ class WindowAttention(nn.Module):
             qkv = fused.linear(x.masked_fill(padding, 0.0), self.qkv)
         else:
             qkv = fused.linear(x, self.qkv)
-        # (3, B*nW, heads, N, d) as strided views: no copy of q, k or v.
-        q, k, v = self._split_qkv(qkv, batch * windows, tokens)
+        # (B*nW, N, 3, heads, d): q, k and v are strided views of it, never copied out.
+        qkv5 = qkv.view(batch * windows, tokens, 3, self.num_heads, self.head_dim)
         table = self.relative_position_bias_table
         if torch.is_grad_enabled() and table.requires_grad:
             mask = self.window_mask(plan, qkv.dtype)  # rebuilt: the table needs its gradient
         else:
             mask = self._cached_mask(plan, qkv.dtype, batch * windows)
-        out = fused.attend_project(q, k, v, mask, self.scale, self.proj)  # (B*nW, N, C)
+        out = fused.attend_project(qkv5, mask, self.scale, self.proj)  # (B*nW, N, C)
         return self.proj_drop(out.view(batch, length, channels))
 
     def _split_qkv(

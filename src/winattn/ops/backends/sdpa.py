@@ -222,8 +222,10 @@ def attention_gradients(
     scale: float,
     grad_out_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     mask_grad: bool,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Gradients of q, k, v (and the mask) from recomputed probabilities.
+    """Gradients of q, k, v (and the mask) from recomputed probabilities; those of q, k, v
+    written into ``out`` (three contiguous tensors shaped as q) when given.
 
     ``grad_out_of(probs, v)`` returns the output's gradient ``(B*nW, heads, N, d)``,
     contiguous, in q's dtype; it sees the float32 probabilities and contiguous v, so a caller
@@ -241,7 +243,8 @@ def attention_gradients(
     # rowsum(dO * O) and needs neither the output nor float32 copies of dO and O.
     grad_logits = grad_probs.mul_(probs)
     grad_logits.addcmul_(probs, grad_logits.sum(dim=-1, keepdim=True), value=-1.0)
-    grad_v = torch.matmul(probs.to(dtype).transpose(-1, -2), grad_out)
+    grad_q_out, grad_k_out, grad_v_out = (None, None, None) if out is None else out
+    grad_v = torch.matmul(probs.to(dtype).transpose(-1, -2), grad_out, out=grad_v_out)
     del probs
     grad_mask = None
     if mask is not None and mask_grad:
@@ -249,8 +252,8 @@ def attention_gradients(
         grad_mask = grad_logits.view(-1, windows, *grad_logits.shape[1:]).sum(0)
         grad_mask = grad_mask.to(mask.dtype)
     grad_logits = grad_logits.mul_(scale).to(dtype)
-    grad_q = torch.matmul(grad_logits, k)
-    grad_k = torch.matmul(grad_logits.transpose(-1, -2), q)
+    grad_q = torch.matmul(grad_logits, k, out=grad_q_out)
+    grad_k = torch.matmul(grad_logits.transpose(-1, -2), q, out=grad_k_out)
     return grad_q, grad_k, grad_v, grad_mask
 
 
