@@ -30,7 +30,7 @@ from winattn.ops.backends import sdpa
 ORIGINAL = {
     "prefers_matmuls": sdpa.prefers_matmuls,
     "runs_in_groups": swin.SwinBlock._runs_in_window_groups,
-    "inference_weight": fused._inference_weight,
+    "inference_params": fused._inference_params,
     "onednn_ready": fused._onednn_ready,
     "deep_slots": sdpa._deep_mask_slots,
     "onednn_bwd": fused._onednn_float32_backward,
@@ -38,10 +38,13 @@ ORIGINAL = {
 _PLAIN: dict = {}
 
 
-def _plain_weight(layer: torch.nn.Linear, dtype: torch.dtype) -> torch.Tensor:
+def _plain_params(
+    layer: torch.nn.Linear, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     key = (id(layer), dtype)
     if key not in _PLAIN:
-        _PLAIN[key] = layer.weight.detach().to(dtype)
+        bias = None if layer.bias is None else layer.bias.detach().to(dtype)
+        _PLAIN[key] = (layer.weight.detach().to(dtype), bias)
     return _PLAIN[key]
 
 
@@ -62,7 +65,7 @@ def apply(variant: str) -> None:
     groups = {"groups": _in_groups, "whole-stages": lambda self, x: False}
     swin.SwinBlock._runs_in_window_groups = groups.get(variant, ORIGINAL["runs_in_groups"])
     packed = variant != "no-packing"
-    fused._inference_weight = ORIGINAL["inference_weight"] if packed else _plain_weight
+    fused._inference_params = ORIGINAL["inference_params"] if packed else _plain_params
     onednn = variant != "no-onednn"
     fused._onednn_ready = ORIGINAL["onednn_ready"] if onednn else (lambda x: False)
     flush = variant != "no-flush"

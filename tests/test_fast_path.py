@@ -602,7 +602,7 @@ def test_bf16_inference_runs_a_small_stage_as_one_group(monkeypatch):
     assert all(size == rows and first == 0 for size, first, rows in runs)
 
 
-def test_bf16_inference_weights_follow_updates_and_models_still_deepcopy():
+def test_bf16_inference_weights_and_biases_follow_updates_and_models_still_deepcopy():
     import copy
 
     torch.manual_seed(0)
@@ -619,6 +619,11 @@ def test_bf16_inference_weights_follow_updates_and_models_still_deepcopy():
     with torch.no_grad():
         model.layers[0].blocks[0].mlp.fc1.weight.mul_(2.0)  # not to be served from the cache
     assert not torch.allclose(run(model), first)
+    torch.testing.assert_close(run(model), run(copy.deepcopy(model)))
+    before = run(model)
+    with torch.no_grad():
+        model.layers[0].blocks[0].attn.proj.bias.add_(1.0)  # nor a bias (cached cast too)
+    assert not torch.allclose(run(model), before)
     torch.testing.assert_close(run(model), run(copy.deepcopy(model)))
 
 

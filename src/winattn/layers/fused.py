@@ -11,6 +11,7 @@ PyTorch ops run.
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -44,12 +45,19 @@ def _register_flops() -> None:
 _register_flops()
 
 
+@functools.cache
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.cache
+def _can_pack_weights() -> bool:
+    return hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
 def _onednn_ready(x: torch.Tensor) -> bool:
-    return (
-        x.device.type == "cpu"
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
+    # Asked ~50 times a forward: the availability checks are cached (7 us a call uncached).
+    return x.device.type == "cpu" and _onednn_available()
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -140,29 +148,35 @@ class _LinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-#: Inference copies of linear weights, per layer and dtype: ``(stamp, weight)``. Kept outside
-#: the modules so that deep-copying or pickling a model never meets an opaque oneDNN tensor.
+#: Inference copies of linear parameters, per layer and dtype: ``(stamp, weight, bias)``. Kept
+#: outside the modules so that deep-copying or pickling a model never meets an opaque oneDNN
+#: tensor.
 _INFERENCE_WEIGHTS: weakref.WeakKeyDictionary[nn.Linear, dict] = weakref.WeakKeyDictionary()
 
 
-def _inference_weight(layer: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
-    """``layer.weight`` for a no-grad oneDNN call in ``dtype``, cached until the parameter
-    changes (its storage or version). bfloat16 weights are also reordered once into oneDNN's
-    blocked layout, which the matmul otherwise redoes on every call (a bf16 Swin-T forward
-    measured 2-20% faster across runs; float32 was not faster, so it keeps plain weights)."""
-    weight = layer.weight
-    pack = dtype == torch.bfloat16 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    if weight.dtype == dtype and not pack:
-        return weight
-    stamp = (weight.data_ptr(), weight._version)
+def _inference_params(
+    layer: nn.Linear, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``layer``'s weight and bias for a no-grad oneDNN call in ``dtype``, cached until either
+    parameter changes (its storage or version). bfloat16 weights are also reordered once into
+    oneDNN's blocked layout, which the matmul otherwise redoes on every call (a bf16 Swin-T
+    forward measured 2-20% faster across runs; float32 was not faster, so it keeps plain
+    weights); the bias cast is kept too rather than redone per call."""
+    weight, bias = layer.weight, layer.bias
+    pack = dtype == torch.bfloat16 and _can_pack_weights()
+    if weight.dtype == dtype and not pack and (bias is None or bias.dtype == dtype):
+        return weight, bias
+    stamp = (weight.data_ptr(), weight._version) + (
+        () if bias is None else (bias.data_ptr(), bias._version)
+    )
     per_dtype = _INFERENCE_WEIGHTS.setdefault(layer, {})
     cached = per_dtype.get(dtype)
     if cached is None or cached[0] != stamp:
         prepared = weight.detach().to(dtype)
         if pack:
             prepared = torch.ops.mkldnn._reorder_linear_weight(prepared)
-        cached = per_dtype[dtype] = (stamp, prepared)
-    return cached[1]
+        cached = per_dtype[dtype] = (stamp, prepared, _cast(bias, dtype))
+    return cached[1], cached[2]
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
@@ -175,8 +189,7 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
         if not torch.is_grad_enabled():
             # Autocast has no rule for the oneDNN op, so it need not be switched off here
             # (entering and leaving that context was ~0.5 ms of a 20 ms bf16 forward).
-            weight = _inference_weight(layer, dtype)
-            bias = _cast(layer.bias, dtype)
+            weight, bias = _inference_params(layer, dtype)
             return _matmul_forward(x.to(dtype), weight, bias, "gelu" if gelu else "none")
         with torch.autocast("cpu", enabled=False):
             out = _LinearFunction.apply(
