@@ -93,8 +93,9 @@ def write_markdown(results: dict, path: Path) -> str:
         lines += ["## The operator alone (batch 8, window 7, shift 3, bias; head_dim 32)", "",
                   "`winattn`: `window_attention` on grid-layout q, k, v (gathers in and out); "
                   "`winattn window-order`: the stage-internal call on tokens already in window "
-                  "order, through SDPA (what float32 runs); `winattn window-order, matmuls`: the "
-                  "same through two bf16 matmuls around a float32 softmax (what bf16 runs); "
+                  "order, through SDPA (what float32 runs, and bf16 on CPUs with AMX); "
+                  "`winattn window-order, matmuls`: the same through two bf16 matmuls around a "
+                  "float32 softmax (what bf16 runs on CPUs without AMX); "
                   "`roll/partition/matmul`: the peers' path; `SDPA dense mask`: one SDPA "
                   "over the whole grid with a dense additive mask.", "",
                   "| stage | dtype | path | median ms | ratio | GFLOP/s (useful) |",
