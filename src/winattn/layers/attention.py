@@ -146,10 +146,7 @@ class WindowAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as ``(rows, heads, N, d)`` strided views of the fused projection's output:
         no copies."""
-        q, k, v = qkv.view(rows, tokens, 3, self.num_heads, self.head_dim).permute(
-            2, 0, 3, 1, 4
-        ).unbind(0)
-        return q, k, v
+        return fused.unbind_qkv(qkv.view(rows, tokens, 3, self.num_heads, self.head_dim))
 
     def forward_window_rows(self, x: torch.Tensor, plan: WindowPlan, first: int) -> torch.Tensor:
         """Inference on a run of whole windows of ``plan``, without gradients.

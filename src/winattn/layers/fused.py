@@ -444,7 +444,7 @@ def norm_linear(
     )
 
 
-def _unbind_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def unbind_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v ``(rows, heads, N, d)``: strided views of ``qkv`` ``(rows, N, 3, heads, d)``."""
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     return q, k, v
@@ -464,7 +464,7 @@ class _AttendProjectFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, mask, scale, weight, bias):  # type: ignore[override]
         dtype = qkv.dtype
-        q, k, v = _unbind_qkv(qkv)
+        q, k, v = unbind_qkv(qkv)
         out = sdpa.attend_without_grad(q, k, v, mask, scale)  # (B*nW, N, heads, d)
         rows, tokens = out.shape[:2]
         with torch.autocast("cpu", enabled=False):
@@ -479,7 +479,7 @@ class _AttendProjectFunction(torch.autograd.Function):
     def backward(ctx, grad_y):  # type: ignore[override]
         qkv, mask, weight = ctx.saved_tensors
         dtype = qkv.dtype
-        q, k, v = _unbind_qkv(qkv)
+        q, k, v = unbind_qkv(qkv)
         rows, heads, tokens, head_dim = q.shape
         projection: dict[str, torch.Tensor | None] = {}
 
@@ -524,7 +524,7 @@ def attend_project(
     )
     if usable:
         return _AttendProjectFunction.apply(qkv, mask, scale, layer.weight, layer.bias)
-    out = sdpa.attend_qkv(*_unbind_qkv(qkv), mask, scale)  # (B*nW, N, heads, d)
+    out = sdpa.attend_qkv(*unbind_qkv(qkv), mask, scale)  # (B*nW, N, heads, d)
     return linear(out.view(*out.shape[:2], -1), layer)
 
 
