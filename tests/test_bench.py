@@ -25,12 +25,14 @@ def test_peer_path_and_dense_mask_compute_the_operator():
 
 def test_summary_ratios_are_peer_over_winattn():
     calls = []
-    times = time_interleaved({"winattn": lambda: calls.append("w"), "peer": lambda: calls.append("p")}, 1, 3)
-    assert calls == ["w", "p"] * 4  # turns alternate, warm-up included
+    fns = {name: (lambda n=name: calls.append(n)) for name in "wpq"}
+    times = time_interleaved(fns, 1, 3)
+    # every round each function once, the order rotating: each follows each other one
+    assert calls == list("wpq" "pqw" "qwp" "wpq")
     summary = summarise({"winattn": [1.0, 2.0, 3.0], "peer": [4.0, 4.0, 6.0]})
     assert summary["peer"]["speedup_of_winattn"] == 2.0
     assert summary["winattn"]["median_ms"] == 2000.0
-    assert len(times["peer"]) == 3
+    assert [len(times[name]) for name in "wpq"] == [3, 3, 3]
 
 
 def test_matmul_peak_is_the_faster_of_the_measured_paths():

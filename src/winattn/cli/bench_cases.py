@@ -47,16 +47,19 @@ def time_interleaved(
     fns: dict[str, Callable[[], object]], warmup: int, repeats: int
 ) -> dict[str, list[float]]:
     """Seconds per call of each function, the functions taking turns so that a change in the
-    machine's load hits them all alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    machine's load hits them all alike. The order rotates by one each round, so that each
+    function follows each other one equally often: what ran just before a call (its cache
+    and heap state) changes its time by a few percent on the CPUs measured, and a fixed order
+    would hand that to the same function every time."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(warmup + repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            fns[name]()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
     return times
 
 
