@@ -141,13 +141,6 @@ class WindowAttention(nn.Module):
         out = fused.attend_project(qkv5, mask, self.scale, self.proj)  # (B*nW, N, C)
         return self.proj_drop(out.view(batch, length, channels))
 
-    def _split_qkv(
-        self, qkv: torch.Tensor, rows: int, tokens: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v as ``(rows, heads, N, d)`` strided views of the fused projection's output:
-        no copies."""
-        return fused.unbind_qkv(qkv.view(rows, tokens, 3, self.num_heads, self.head_dim))
-
     def forward_window_rows(self, x: torch.Tensor, plan: WindowPlan, first: int) -> torch.Tensor:
         """Inference on a run of whole windows of ``plan``, without gradients.
 
@@ -156,12 +149,13 @@ class WindowAttention(nn.Module):
                 images (``first == 0`` and ``rows`` a multiple of ``plan.num_windows``).
 
         Returns:
-            ``(rows, N, C)``. Bfloat16 on the CPU takes :func:`explicit_attention`, anything
-            else SDPA.
+            ``(rows, N, C)``. Attention through :func:`explicit_attention` where
+            :func:`prefers_matmuls` (bfloat16 on a CPU without AMX), else SDPA.
         """
         rows, tokens, channels = x.shape
         qkv = fused.linear(x, self.qkv)  # (rows, N, 3C)
-        q, k, v = self._split_qkv(qkv, rows, tokens)  # each (rows, heads, N, d)
+        qkv = qkv.view(rows, tokens, 3, self.num_heads, self.head_dim)
+        q, k, v = fused.unbind_qkv(qkv)  # each (rows, heads, N, d), strided views
         windows = plan.num_windows
         mask = self._cached_mask(plan, torch.float32, windows)  # (nW or 1, heads, N, N)
         if mask is not None and mask.shape[0] == windows and rows < windows:
