@@ -64,6 +64,10 @@ def _add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
                    ("1: the demo model's ops are too small to gain from more, and extra threads "
                     "spin badly on a busy machine)" if demo else "torch's choice)"))
     p.add_argument("--max-steps-per-epoch", type=_positive_int, default=None)
+    p.add_argument("--malloc-tuning", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep freed heap memory for the next step instead of returning it to "
+                   "the kernel (glibc; left alone when MALLOC_* variables or another allocator "
+                   "are set; default: on)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: on a terminal only)")
 
@@ -75,7 +79,12 @@ def _train_config(args: argparse.Namespace, **override):
         import torch
 
         torch.set_num_threads(args.threads)
-    values = {k: v for k, v in vars(args).items() if k not in ("command", "func", "threads")}
+    if getattr(args, "malloc_tuning", False):
+        from winattn.train.allocator import tune_malloc
+
+        tune_malloc()  # process-wide: here, where this command owns the process
+    skip = ("command", "func", "threads", "malloc_tuning")
+    values = {k: v for k, v in vars(args).items() if k not in skip}
     values.update(override)
     values = {k: v for k, v in values.items() if v is not None or k in ("clip_grad",)}
     if values.get("clip_grad") == 0:
