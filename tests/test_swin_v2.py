@@ -214,3 +214,63 @@ def test_matches_huggingface_within_its_double_mask(img_size, window):
     )
     x = torch.randn(1, 3, img_size, img_size)
     torch.testing.assert_close(logits(ours, x), logits(peer, x), atol=HF_ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------- the window-order fast path
+@pytest.mark.parametrize("size", [(64, 64), (72, 88), (40, 24)])
+def test_inference_in_window_order_matches_the_grid_path(monkeypatch, size):
+    """Eval-mode inference keeps the tokens in window order through each stage (as V1 does):
+    the same function as the grid path in float64, with maps that need padding and maps that
+    shrink the window; training and gradient-enabled calls stay on the grid path."""
+    from winattn.layers.attention_v2 import WindowAttentionV2
+
+    model = winattn.create_model(
+        "swinv2_tiny_window8_256", depths=(2, 2, 2), num_heads=(2, 4, 4), embed_dim=16
+    )
+    randomize_(model)
+    model.double()
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    calls = []
+    original = WindowAttentionV2.forward_windows
+    monkeypatch.setattr(WindowAttentionV2, "forward_windows",
+                        lambda self, *a: calls.append(1) or original(self, *a))
+    with torch.no_grad():
+        model.set_attention_path("grid")
+        grid = model(x)
+        assert not calls
+        model.set_attention_path("auto")
+        fast = model(x)
+    assert calls  # the path under test ran
+    torch.testing.assert_close(fast, grid, atol=1e-10, rtol=0)
+    calls.clear()
+    model.train()
+    model(x).sum().backward()  # training: grid path, and every parameter gets its gradient
+    assert not calls
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_inference_mode_caches_the_bias_without_breaking_later_training():
+    """The position bias and mask are cached in eval mode, inference mode included (the cached
+    tensors are ordinary ones); a weight update invalidates them, and training afterwards
+    still gets gradients for the CPB weights."""
+    model = winattn.create_model(
+        "swinv2_tiny_window8_256", depths=(2, 2), num_heads=(2, 4), embed_dim=16
+    )
+    randomize_(model)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        first = model(x)
+        again = model(x)
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    attn = model.layers[0].blocks[0].attn
+    assert attn._bias_cache and attn._mask_cache
+    with torch.no_grad():
+        attn.cpb_mlp[2].weight.mul_(2.0)  # an in-place update: the caches must notice
+        updated = model(x)
+        model.set_attention_path("grid")
+        grid = model(x)
+    torch.testing.assert_close(updated, grid, atol=1e-5, rtol=0)
+    assert not torch.allclose(updated, first)
+    model.train()
+    model(x).sum().backward()
+    assert attn.cpb_mlp[2].weight.grad is not None

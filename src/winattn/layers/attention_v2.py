@@ -21,9 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import window_attention
+from ..ops import WindowPlan, window_attention
+from ..ops.backends.sdpa import (
+    attend_qkv,
+    combine_mask,
+    expand_to_batch,
+    explicit_attention,
+    prefers_matmuls,
+)
 from ..ops.traceable import TracedWindows, traceable_window_attention
 from ..ops.traceable import is_tracing as _is_tracing
+from . import fused
 from .position import relative_position_index
 
 #: Upper clamp of the learned per-head logit scale (log of the largest temperature, 100).
@@ -159,6 +167,7 @@ class WindowAttentionV2(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self._bias_cache: dict[tuple, torch.Tensor] = {}
+        self._mask_cache: dict[tuple, torch.Tensor | None] = {}
 
     def _compute_position_bias(
         self,
@@ -193,18 +202,77 @@ class WindowAttentionV2(nn.Module):
         window_size = tuple(window_size)
         params = list(self.cpb_mlp.parameters())
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        if needs_grad or _is_tracing() or torch.is_inference_mode_enabled():
+        if needs_grad or _is_tracing():
             return self._compute_position_bias(window_size)
         weight = params[0]
-        key = (window_size, weight.device, weight.dtype, tuple((id(p), p._version) for p in params))
+        key = (window_size, weight.device, weight.dtype, self._cpb_stamp())
         bias = self._bias_cache.get(key)
         if bias is None:
             # Only the newest weights are worth keeping: drop entries of older versions.
             stale = [k for k in self._bias_cache if k[3] != key[3]]
             for k in stale:
                 del self._bias_cache[k]
-            bias = self._bias_cache[key] = self._compute_position_bias(window_size)
+            # Outside inference mode even when called in it, so that the cached tensor can
+            # serve later calls made with autograd on (an inference tensor could not).
+            with torch.inference_mode(False), torch.no_grad():
+                bias = self._bias_cache[key] = self._compute_position_bias(window_size)
         return bias
+
+    def _cpb_stamp(self) -> tuple:
+        """Identity and version of the CPB weights: changes when they are updated or replaced."""
+        return tuple((id(p), p._version) for p in self.cpb_mlp.parameters())
+
+    def _cached_mask(
+        self, plan: WindowPlan, rows: int, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """Position bias + shift mask of ``plan`` in ``dtype``, ``(nW or 1, heads, N, N)``,
+        expanded to ``rows`` windows when it has one per window (SDPA broadcasts size-1 dims
+        only); cached until the CPB weights change."""
+        stamp = self._cpb_stamp()
+        key = (plan, rows, dtype)
+        hit = self._mask_cache.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        if any(entry[0] != stamp for entry in self._mask_cache.values()):
+            self._mask_cache.clear()  # the weights changed: every entry is stale
+        work = torch.promote_types(dtype, torch.float32)  # built in float32 or wider
+        with torch.inference_mode(False), torch.no_grad():
+            bias = self.position_bias(plan.window_size).to(work)
+            mask = combine_mask(plan.mask_as(work), bias, work)
+            mask = expand_to_batch(mask, rows).to(dtype)
+        self._mask_cache[key] = (stamp, mask)
+        return mask
+
+    def forward_windows(self, x: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
+        """Inference (no gradients) on tokens already in ``plan``'s window order.
+
+        Args:
+            x: ``(B, L, C)``, ``L = num_windows * N``, window-major (``plan.partition``'s
+                order); padded tokens already zeroed.
+
+        Returns:
+            ``(B, L, C)`` in the same order: the same function as :meth:`forward` on the grid,
+            with the linears through oneDNN (:func:`~winattn.layers.fused.linear`) and the
+            position bias and shift mask folded into one cached tensor.
+        """
+        batch, length, channels = x.shape
+        rows, tokens = batch * plan.num_windows, plan.window_tokens
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        qkv = fused.linear(x, self.qkv, bias=bias)  # (B, L, 3C)
+        qkv = qkv.view(rows, tokens, 3, self.num_heads, self.head_dim)
+        q, k, v = fused.unbind_qkv(qkv)  # each (rows, heads, N, d), strided views
+        logit_scale = torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()  # (heads, 1, 1)
+        q = _unit(q) * logit_scale.to(q.dtype)
+        k = _unit(k)
+        # The bias and mask in float32 for the matmul attention's float32 softmax, else in
+        # SDPA's dtype: (rows or 1, heads, N, N).
+        if prefers_matmuls(q):
+            out = explicit_attention(q, k, v, self._cached_mask(plan, rows, torch.float32), 1.0)
+        else:
+            out = attend_qkv(q, k, v, self._cached_mask(plan, rows, q.dtype), 1.0)
+        return self.proj_drop(fused.linear(out.view(batch, length, channels), self.proj))
 
     def forward(
         self,

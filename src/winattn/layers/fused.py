@@ -179,8 +179,14 @@ def _inference_params(
     return cached[1], cached[2]
 
 
-def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
+def linear(
+    x: torch.Tensor,
+    layer: nn.Linear,
+    gelu: bool = False,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``layer(x)``, followed by exact (erf) GELU when ``gelu``; same numerics as the modules.
+    ``bias``, when given, replaces the layer's own (Swin V2 builds its qkv bias per call).
 
     Under CPU autocast the matmul runs in the autocast dtype, as ``nn.Linear`` would.
     """
@@ -189,14 +195,14 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
         if not torch.is_grad_enabled():
             # Autocast has no rule for the oneDNN op, so it need not be switched off here
             # (entering and leaving that context was ~0.5 ms of a 20 ms bf16 forward).
-            weight, bias = _inference_params(layer, dtype)
+            weight, own_bias = _inference_params(layer, dtype)
+            bias = own_bias if bias is None else bias.to(dtype)
             return _matmul_forward(x.to(dtype), weight, bias, "gelu" if gelu else "none")
+        bias = layer.bias if bias is None else bias
         with torch.autocast("cpu", enabled=False):
-            out = _LinearFunction.apply(
-                x.to(dtype), layer.weight.to(dtype), _cast(layer.bias, dtype)
-            )
+            out = _LinearFunction.apply(x.to(dtype), layer.weight.to(dtype), _cast(bias, dtype))
             return F.gelu(out) if gelu else out
-    out = layer(x)
+    out = layer(x) if bias is None else F.linear(x, layer.weight, bias)
     return F.gelu(out) if gelu else out
 
 

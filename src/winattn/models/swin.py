@@ -156,6 +156,50 @@ def attend_in_windows(
     return x
 
 
+def block_plan(block: nn.Module, height: int, width: int, device: torch.device) -> WindowPlan:
+    """The window plan of ``block`` (its ``window_size``, ``shift_size``, ``window_rule``) on an
+    ``height x width`` map, zero-padded up to the window the rule picks."""
+    window, shift = resolve_window(
+        (height, width), block.window_size, block.shift_size, block.window_rule
+    )
+    padded = (height + -height % window[0], width + -width % window[1])
+    return plan_windows(padded, window, shift, device)
+
+
+def run_in_window_order(
+    blocks: nn.Sequential, x: torch.Tensor, grad_checkpointing: bool = False
+) -> torch.Tensor | None:
+    """``blocks`` on ``x`` ``(B, H, W, C)`` with the tokens kept in window order: one gather in,
+    one gather between blocks whose windows differ (plain <-> shifted), one gather out; no
+    roll, partition or reverse copies inside the blocks, which run ``forward_windows(tokens,
+    plan, padding)``. A map not divisible by the window is padded once here; ``padding`` marks
+    the padded slots, which the blocks zero where the grid path's zero-padding would be.
+
+    Returns:
+        ``(B, H, W, C)``, or None when the blocks' padded maps differ (a block whose window
+        shrinks to a small map): then the caller runs the grid path.
+    """
+    batch, height, width, channels = x.shape
+    plans = [block.plan(height, width, x.device) for block in blocks]
+    if not plans or any(p.grid != plans[0].grid for p in plans):
+        return None
+    padded_h, padded_w = plans[0].grid
+    if (padded_h, padded_w) != (height, width):
+        x = F.pad(x, (0, 0, 0, padded_w - width, 0, padded_h - height))
+    tokens = plans[0].partition(x).view(batch, -1, channels)  # (B, L, C) window order
+    for i, (block, plan) in enumerate(zip(blocks, plans)):
+        if i > 0 and plan is not plans[i - 1]:
+            tokens = move_tokens(tokens, plans[i - 1], plan)
+        padding = padded_token_mask(plan, (height, width))
+        if grad_checkpointing and torch.is_grad_enabled():
+            tokens = checkpoint(block.forward_windows, tokens, plan, padding, use_reentrant=False)
+        else:
+            tokens = block.forward_windows(tokens, plan, padding)
+    last = plans[-1]
+    x = last.reverse(tokens.view(batch, last.num_windows, last.window_tokens, channels))
+    return x[:, :height, :width] if last.grid != (height, width) else x
+
+
 class SwinBlock(nn.Module):
     """Pre-norm block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``, on ``(B, H, W, C)``.
 
@@ -198,11 +242,7 @@ class SwinBlock(nn.Module):
 
     def plan(self, height: int, width: int, device: torch.device) -> WindowPlan:
         """The window plan of this block on an ``height x width`` map, padded to its window."""
-        window, shift = resolve_window(
-            (height, width), self.window_size, self.shift_size, self.window_rule
-        )
-        padded = (height + -height % window[0], width + -width % window[1])
-        return plan_windows(padded, window, shift, device)
+        return block_plan(self, height, width, device)
 
     def forward_windows(
         self, x: torch.Tensor, plan: WindowPlan, padding: torch.Tensor | None = None
@@ -339,35 +379,14 @@ class SwinStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)  # (B, H, W, C)
-        if is_tracing() or self._takes_grid_path(x):
-            # Tracing: the window-order path bakes this shape's index maps into the graph; the
-            # grid path's operator calls take the shape-generic route that exporters keep
-            # dynamic. CUDA: the grid path is where the fused kernel serves.
-            return self._forward_grid(x)
-        batch, height, width, channels = x.shape
-        plans = [block.plan(height, width, x.device) for block in self.blocks]
-        if not plans or any(p.grid != plans[0].grid for p in plans):
-            return self._forward_grid(x)
-        # Keep the stage's tokens in window order: one gather in, one gather between blocks
-        # whose windows differ (plain <-> shifted), one gather out; no roll, partition or
-        # reverse copies inside the blocks.
-        padded_h, padded_w = plans[0].grid
-        if (padded_h, padded_w) != (height, width):
-            x = F.pad(x, (0, 0, 0, padded_w - width, 0, padded_h - height))
-        tokens = plans[0].partition(x).view(batch, -1, channels)  # (B, L, C) window order
-        for i, (block, plan) in enumerate(zip(self.blocks, plans)):
-            if i > 0 and plan is not plans[i - 1]:
-                tokens = move_tokens(tokens, plans[i - 1], plan)
-            padding = padded_token_mask(plan, (height, width))
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(
-                    block.forward_windows, tokens, plan, padding, use_reentrant=False
-                )
-            else:
-                tokens = block.forward_windows(tokens, plan, padding)
-        last = plans[-1]
-        x = last.reverse(tokens.view(batch, last.num_windows, last.window_tokens, channels))
-        return x[:, :height, :width] if last.grid != (height, width) else x
+        # Tracing: the window-order path bakes this shape's index maps into the graph; the
+        # grid path's operator calls take the shape-generic route that exporters keep
+        # dynamic. CUDA: the grid path is where the fused kernel serves.
+        if not (is_tracing() or self._takes_grid_path(x)):
+            out = run_in_window_order(self.blocks, x, self.grad_checkpointing)
+            if out is not None:
+                return out
+        return self._forward_grid(x)
 
     def _takes_grid_path(self, x: torch.Tensor) -> bool:
         if self.attention_path == "auto":

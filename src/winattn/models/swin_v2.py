@@ -19,17 +19,23 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import DropPath, Mlp, PatchEmbed, PatchMerging
+from ..layers import DropPath, Mlp, PatchEmbed, PatchMerging, fused
 from ..layers.attention_v2 import WindowAttentionV2
+from ..ops import WindowPlan
+from ..ops.traceable import is_tracing
 from .base import SwinBackbone
 from .registry import register_model
 from .swin import (
+    AttentionPath,
     ClassifierHead,
     SwinConfig,
     WindowRule,
     _init_weights,
     attend_in_windows,
+    block_plan,
+    fused_kernel_expected,
     resolve_window,
+    run_in_window_order,
     to_2tuple,
 )
 
@@ -72,6 +78,22 @@ class SwinV2Block(nn.Module):
         x = x + self.drop_path1(self.norm1(self._attention(x)))
         return x + self.drop_path2(self.norm2(self.mlp(x)))
 
+    def plan(self, height: int, width: int, device: torch.device) -> WindowPlan:
+        """The window plan of this block on an ``height x width`` map, padded to its window."""
+        return block_plan(self, height, width, device)
+
+    def forward_windows(
+        self, x: torch.Tensor, plan: WindowPlan, padding: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The block in eval mode without gradients, on tokens kept in ``plan``'s window order:
+        ``(B, L, C)`` -> same. ``padding`` ``(L, 1)`` (True on padded slots) zeroes them at
+        the attention's input, as the grid path's zero-padding does; what they hold otherwise
+        is never read."""
+        attn_in = x if padding is None else x.masked_fill(padding, 0.0)
+        x = x + self.norm1(self.attn.forward_windows(attn_in, plan))
+        mlp = self.mlp
+        return x + self.norm2(fused.linear(fused.linear(x, mlp.fc1, gelu=True), mlp.fc2))
+
 
 class SwinV2Stage(nn.Module):
     """Optional 2x2 patch merging (reduction, then norm; at the start of the stage), then blocks."""
@@ -93,6 +115,7 @@ class SwinV2Stage(nn.Module):
     ) -> None:
         super().__init__()
         self.grad_checkpointing = False
+        self.attention_path: AttentionPath = "auto"
         self.downsample = (
             PatchMerging(dim, out_dim, norm_first=False) if downsample else nn.Identity()
         )
@@ -116,11 +139,25 @@ class SwinV2Stage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
+        if self._takes_window_order(x):
+            out = run_in_window_order(self.blocks, x)
+            if out is not None:
+                return out
         if self.grad_checkpointing and torch.is_grad_enabled():
             for block in self.blocks:
                 x = checkpoint(block, x, use_reentrant=False)
             return x
         return self.blocks(x)
+
+    def _takes_window_order(self, x: torch.Tensor) -> bool:
+        """Inference (eval mode, no gradients, not tracing) keeps the tokens in window order
+        through the stage, as V1's stages do (``attention_path`` as there); training keeps
+        the grid path."""
+        if torch.is_grad_enabled() or self.training or is_tracing():
+            return False
+        if self.attention_path == "auto":
+            return not fused_kernel_expected(x)
+        return self.attention_path == "window-order"
 
 
 @dataclass(frozen=True)
