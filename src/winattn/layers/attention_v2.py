@@ -119,6 +119,27 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1)
 
 
+def _scaled_units(qk: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """``qk`` ``(..., 2, heads, d)`` (q then k) normalised over ``d``, q's times its head's
+    ``logit_scale`` ``(heads, 1, 1)``: :func:`_unit` and the scale as one pass over ``qk``
+    (its norms reduced in float32 or wider, then ``x * (scale / max(|x|, 1e-12))``), instead
+    of a cast, a norm, a division, a cast back and a product for each of q and k.
+
+    Returns a new tensor in ``qk``'s dtype. In bfloat16 the factor is rounded to bfloat16
+    before the product (two roundings, as the cast back and the product make in
+    :func:`_unit`'s order); float16 multiplies in float32, where the factor of an all-zero
+    padded key (1e12) exists.
+    """
+    heads = qk.shape[-2]
+    work = torch.promote_types(qk.dtype, torch.float32)
+    norms = torch.linalg.vector_norm(qk, dim=-1, keepdim=True, dtype=work)
+    scale = torch.stack([logit_scale.view(heads), torch.ones_like(logit_scale.view(heads))])
+    factor = scale.to(work).view(2, heads, 1) / norms.clamp_min(1e-12)  # (..., 2, heads, 1)
+    if qk.dtype == torch.float16:
+        return (qk.float() * factor).to(qk.dtype)
+    return qk * factor.to(qk.dtype)
+
+
 class WindowAttentionV2(nn.Module):
     """Swin V2 window attention on ``(B, H, W, C)`` maps whose sides are multiples of the window.
 
@@ -262,10 +283,10 @@ class WindowAttentionV2(nn.Module):
             bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         qkv = fused.linear(x, self.qkv, bias=bias)  # (B, L, 3C)
         qkv = qkv.view(rows, tokens, 3, self.num_heads, self.head_dim)
-        q, k, v = fused.unbind_qkv(qkv)  # each (rows, heads, N, d), strided views
         logit_scale = torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()  # (heads, 1, 1)
-        q = _unit(q) * logit_scale.to(q.dtype)
-        k = _unit(k)
+        qk = _scaled_units(qkv[:, :, :2], logit_scale)  # (rows, N, 2, heads, d)
+        q, k = qk.transpose(1, 3).unbind(2)  # each (rows, heads, N, d), strided views
+        v = qkv[:, :, 2].transpose(1, 2)  # (rows, heads, N, d), a strided view
         # The bias and mask in float32 for the matmul attention's float32 softmax, else in
         # SDPA's dtype: (rows or 1, heads, N, N).
         if prefers_matmuls(q):
