@@ -1,5 +1,5 @@
-"""Swin V2 inference on the CPU: winattn against timm and torchvision, in one process on the
-same weights and inputs.
+"""Swin V2 on the CPU: winattn against timm and torchvision, in one process on the same
+weights and inputs: inference, and with ``--train`` a training step against timm.
 
 timm's model gets random weights with non-trivial post-norms (timm initialises them to zero,
 which makes every block the identity and would hide a wrong attention), and winattn loads its
@@ -12,7 +12,12 @@ call (the order rotating each round, as ``winattn bench`` does); medians and rat
 median / winattn median (above 1: winattn is faster). Hugging Face's Swinv2 adds the shift
 mask twice (docs/swin_v2.md), so it computes another function and is not timed here.
 
-    PYTHONPATH=src python benchmarks/bench_swin_v2.py --out docs/perf-v2
+The training step (``--train``; batch 8, forward, cross-entropy, backward, AdamW as
+``winattn bench`` times it, drop path off in both so that they compute the same function,
+checked in train mode first) is timed against timm only, with the activation memory (bytes
+autograd saves in one forward).
+
+    PYTHONPATH=src python benchmarks/bench_swin_v2.py --train --out docs/perf-v2
 """
 
 from __future__ import annotations
@@ -46,9 +51,9 @@ def build(name: str, peers: list[str]) -> tuple[dict, dict]:
     import timm
 
     resolution = int(name.rsplit("_", 1)[1])
-    timm_model = timm.create_model(name).eval()
+    timm_model = timm.create_model(name, drop_path_rate=0.0).eval()
     randomise_norms_(timm_model)
-    ours = winattn.create_model(name).eval()
+    ours = winattn.create_model(name, drop_path_rate=0.0).eval()
     ours.load_state_dict(timm_model.state_dict())
     built = {"winattn": (ours, None), "timm": (timm_model, ours)}
     if "torchvision" in peers and name in TORCHVISION:
@@ -85,6 +90,39 @@ def check_parity(built: dict, x: torch.Tensor, dtype: str) -> dict:
     return report
 
 
+def training_rows(name: str, built: dict, resolution: int, dtypes: list[str], repeats: int,
+                  lines: list[str]) -> list[dict]:
+    """A training step of winattn and timm at batch 8 (see the module docstring)."""
+    batch = 8
+    x = torch.randn(batch, 3, resolution, resolution)
+    target = torch.randint(0, 1000, (batch,))
+    peers = {lib: cases.Peer(lib, built[lib][0], built[lib][0], built[lib][0].forward_features)
+             for lib in ("winattn", "timm")}
+    rows = []
+    for dtype in dtypes:
+        print(f"[{time.strftime('%H:%M:%S')}] {name} training step {dtype}", flush=True)
+        for peer in peers.values():
+            peer.model.train()
+        with torch.no_grad():  # drop path is off: train mode computes the eval function
+            err = (peers["winattn"].logits(x) - peers["timm"].logits(x)).abs().max().item()
+        if err > 1e-4:
+            raise AssertionError(f"winattn and timm disagree in train mode: {err}")
+        saved = {lib: cases.saved_activation_bytes(p, x, dtype) / 2**20
+                 for lib, p in peers.items()}
+        fns = {lib: cases.train_step_fn(p, x, target, dtype) for lib, p in peers.items()}
+        summary = cases.summarise(cases.time_interleaved(fns, 1, repeats))
+        for lib, stats in summary.items():
+            stats["activation_mib"] = saved[lib]
+            lines.append(f"| {name} train | {batch} | {dtype} | {lib} | "
+                         f"{stats['median_ms']:.0f} | {stats['speedup_of_winattn']:.2f}x | "
+                         f"activations {saved[lib]:.0f} MiB |")
+        rows.append(dict(model=name, batch=batch, dtype=dtype, mode="train", max_abs_diff=err,
+                         peers=summary))
+    for peer in peers.values():
+        peer.model.eval()
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["swinv2_tiny_window8_256"])
@@ -94,6 +132,8 @@ def main() -> int:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--train", action="store_true", help="also time a training step")
+    parser.add_argument("--train-repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", type=Path, help="folder for results.json and results.md")
     args = parser.parse_args()
@@ -123,6 +163,9 @@ def main() -> int:
                     ratio = stats["speedup_of_winattn"]
                     lines.append(f"| {name} | {batch} | {dtype} | {lib} | "
                                  f"{stats['median_ms']:.1f} | {ratio:.2f}x | {check} |")
+        if args.train:
+            results["rows"] += training_rows(name, built, info["resolution"], args.dtypes,
+                                             args.train_repeats, lines)
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -125,18 +125,19 @@ def _scaled_units(qk: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     (its norms reduced in float32 or wider, then ``x * (scale / max(|x|, 1e-12))``), instead
     of a cast, a norm, a division, a cast back and a product for each of q and k.
 
-    Returns a new tensor in ``qk``'s dtype. In bfloat16 the factor is rounded to bfloat16
-    before the product (two roundings, as the cast back and the product make in
-    :func:`_unit`'s order); float16 multiplies in float32, where the factor of an all-zero
-    padded key (1e12) exists.
+    Returns a new tensor in ``qk``'s dtype. In bfloat16 without gradients the factor is
+    rounded to bfloat16 before the product (two roundings, as the cast back and the product
+    make in :func:`_unit`'s order); with gradients the product runs in float32, so that its
+    backward (the logit scale's gradient sums it over every token) does too; float16 always
+    multiplies in float32, where the factor of an all-zero padded key (1e12) exists.
     """
     heads = qk.shape[-2]
     work = torch.promote_types(qk.dtype, torch.float32)
     norms = torch.linalg.vector_norm(qk, dim=-1, keepdim=True, dtype=work)
     scale = torch.stack([logit_scale.view(heads), torch.ones_like(logit_scale.view(heads))])
     factor = scale.to(work).view(2, heads, 1) / norms.clamp_min(1e-12)  # (..., 2, heads, 1)
-    if qk.dtype == torch.float16:
-        return (qk.float() * factor).to(qk.dtype)
+    if qk.dtype == torch.float16 or (qk.dtype != work and torch.is_grad_enabled()):
+        return (qk.to(work) * factor).to(qk.dtype)
     return qk * factor.to(qk.dtype)
 
 
@@ -265,7 +266,7 @@ class WindowAttentionV2(nn.Module):
         return mask
 
     def forward_windows(self, x: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
-        """Inference (no gradients) on tokens already in ``plan``'s window order.
+        """Attention on tokens already in ``plan``'s window order.
 
         Args:
             x: ``(B, L, C)``, ``L = num_windows * N``, window-major (``plan.partition``'s
@@ -274,7 +275,9 @@ class WindowAttentionV2(nn.Module):
         Returns:
             ``(B, L, C)`` in the same order: the same function as :meth:`forward` on the grid,
             with the linears through oneDNN (:func:`~winattn.layers.fused.linear`) and the
-            position bias and shift mask folded into one cached tensor.
+            position bias and shift mask folded into one tensor (cached without gradients;
+            with them, rebuilt so that the CPB weights get theirs, and attention through the
+            Function that recomputes its probabilities in backward).
         """
         batch, length, channels = x.shape
         rows, tokens = batch * plan.num_windows, plan.window_tokens
@@ -287,9 +290,15 @@ class WindowAttentionV2(nn.Module):
         qk = _scaled_units(qkv[:, :, :2], logit_scale)  # (rows, N, 2, heads, d)
         q, k = qk.transpose(1, 3).unbind(2)  # each (rows, heads, N, d), strided views
         v = qkv[:, :, 2].transpose(1, 2)  # (rows, heads, N, d), a strided view
+        cpb = self.cpb_mlp.parameters()
+        if torch.is_grad_enabled() and any(p.requires_grad for p in cpb):
+            work = torch.promote_types(q.dtype, torch.float32)
+            position_bias = self.position_bias(plan.window_size)  # (heads, N, N), with grad
+            mask = combine_mask(plan.mask_as(work), position_bias, work)  # (nW or 1, heads, N, N)
+            out = attend_qkv(q, k, v, mask, 1.0)
         # The bias and mask in float32 for the matmul attention's float32 softmax, else in
         # SDPA's dtype: (rows or 1, heads, N, N).
-        if prefers_matmuls(q):
+        elif prefers_matmuls(q):
             out = explicit_attention(q, k, v, self._cached_mask(plan, rows, torch.float32), 1.0)
         else:
             out = attend_qkv(q, k, v, self._cached_mask(plan, rows, q.dtype), 1.0)

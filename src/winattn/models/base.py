@@ -99,8 +99,7 @@ class SwinBackbone(nn.Module):
         """How the stages run attention: ``"window-order"`` (the CPU fast path), ``"grid"``
         (operator calls, the fused Triton kernel on CUDA) or ``"auto"`` (grid on CUDA with
         triton installed, else window order). Both compute the same function; only speed
-        differs. (Swin V2 takes the window order in inference only, eval mode without
-        gradients; it trains on the grid path.)"""
+        differs."""
         paths = ("auto", "window-order", "grid")
         if path not in paths:
             raise ValueError(f"path={path!r} is not one of {paths}")

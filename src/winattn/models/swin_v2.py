@@ -85,14 +85,17 @@ class SwinV2Block(nn.Module):
     def forward_windows(
         self, x: torch.Tensor, plan: WindowPlan, padding: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The block in eval mode without gradients, on tokens kept in ``plan``'s window order:
-        ``(B, L, C)`` -> same. ``padding`` ``(L, 1)`` (True on padded slots) zeroes them at
-        the attention's input, as the grid path's zero-padding does; what they hold otherwise
-        is never read."""
+        """The block on tokens kept in ``plan``'s window order: ``(B, L, C)`` -> same.
+        ``padding`` ``(L, 1)`` (True on padded slots) zeroes them at the attention's input, as
+        the grid path's zero-padding does; what they hold otherwise is never read."""
         attn_in = x if padding is None else x.masked_fill(padding, 0.0)
-        x = x + self.norm1(self.attn.forward_windows(attn_in, plan))
+        x = x + self.drop_path1(self.norm1(self.attn.forward_windows(attn_in, plan)))
         mlp = self.mlp
-        return x + self.norm2(fused.linear(fused.linear(x, mlp.fc1, gelu=True), mlp.fc2))
+        if self.training and (mlp.drop1.p or mlp.drop2.p):
+            mlp_out = mlp(x)
+        else:
+            mlp_out = fused.linear(fused.linear(x, mlp.fc1, gelu=True), mlp.fc2)
+        return x + self.drop_path2(self.norm2(mlp_out))
 
 
 class SwinV2Stage(nn.Module):
@@ -140,7 +143,7 @@ class SwinV2Stage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         if self._takes_window_order(x):
-            out = run_in_window_order(self.blocks, x)
+            out = run_in_window_order(self.blocks, x, self.grad_checkpointing)
             if out is not None:
                 return out
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -150,10 +153,9 @@ class SwinV2Stage(nn.Module):
         return self.blocks(x)
 
     def _takes_window_order(self, x: torch.Tensor) -> bool:
-        """Inference (eval mode, no gradients, not tracing) keeps the tokens in window order
-        through the stage, as V1's stages do (``attention_path`` as there); training keeps
-        the grid path."""
-        if torch.is_grad_enabled() or self.training or is_tracing():
+        """Whether the tokens stay in window order through the stage, as in V1's stages
+        (``attention_path`` as there); tracing takes the grid path."""
+        if is_tracing():
             return False
         if self.attention_path == "auto":
             return not fused_kernel_expected(x)
