@@ -311,6 +311,10 @@ def test_inference_mode_caches_the_bias_without_breaking_later_training():
     torch.testing.assert_close(again, first, atol=0, rtol=0)
     attn = model.layers[0].blocks[0].attn
     assert attn._bias_cache and attn._mask_cache
+    entries = len(attn._mask_cache)
+    with torch.no_grad():
+        model(torch.randn(3, 3, 64, 64))  # another batch size replaces, not adds, the masks
+    assert len(attn._mask_cache) == entries
     with torch.no_grad():
         attn.cpb_mlp[2].weight.mul_(2.0)  # an in-place update: the caches must notice
         updated = model(x)
