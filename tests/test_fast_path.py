@@ -298,7 +298,9 @@ def test_window_order_stages_match_grid_path_forward_and_backward(size):
                                    msg=name)
 
 
-def test_eval_matches_grid_path_and_mask_cache_follows_weight_updates():
+def test_eval_matches_grid_path_and_mask_cache_follows_weight_updates(monkeypatch):
+    # Whole stages: their mask is expanded to the batch (window groups use one per image).
+    monkeypatch.setattr(swin_module.SwinBlock, "_runs_in_window_groups", lambda s, t: False)
     torch.manual_seed(0)
     model = SwinTransformer(SwinConfig(**TINY)).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -307,6 +309,10 @@ def test_eval_matches_grid_path_and_mask_cache_follows_weight_updates():
         table = model.layers[0].blocks[1].attn.relative_position_bias_table
         table.add_(torch.randn_like(table))  # a cached folded mask must not survive this
         torch.testing.assert_close(model(x), _grid_path(model, x), rtol=1e-5, atol=1e-5)
+        caches = [len(b.attn._mask_cache) for stage in model.layers for b in stage.blocks]
+        other = torch.randn(3, 3, 32, 32)  # another batch size replaces, not adds, the masks
+        torch.testing.assert_close(model(other), _grid_path(model, other), rtol=1e-5, atol=1e-5)
+        assert [len(b.attn._mask_cache) for stage in model.layers for b in stage.blocks] == caches
 
 
 def test_checkpointed_stages_give_the_same_gradients():

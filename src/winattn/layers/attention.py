@@ -91,17 +91,19 @@ class WindowAttention(nn.Module):
         return combine_mask(plan.mask_as(dtype), bias, dtype)
 
     def _cached_mask(self, plan: WindowPlan, dtype: torch.dtype, rows: int) -> torch.Tensor | None:
+        """:meth:`window_mask` expanded to ``rows`` windows, cached until the table changes.
+        One batch size is kept per plan and dtype: the expanded mask grows with the batch."""
         table = self.relative_position_bias_table
-        stamp = (table.data_ptr(), table._version)
-        key = (plan, dtype, rows)
+        weights = (table.data_ptr(), table._version)
+        key = (plan, dtype)
         hit = self._mask_cache.get(key)
-        if hit is not None and hit[0] == stamp:
+        if hit is not None and hit[0] == (weights, rows):
             return hit[1]
-        if any(entry[0] != stamp for entry in self._mask_cache.values()):
+        if any(entry[0][0] != weights for entry in self._mask_cache.values()):
             self._mask_cache.clear()  # the table changed: every entry is stale
         mask = self.window_mask(plan, dtype)
         mask = None if mask is None else expand_to_batch(mask, rows)
-        self._mask_cache[key] = (stamp, mask)
+        self._mask_cache[key] = ((weights, rows), mask)
         return mask
 
     def forward_windows(
