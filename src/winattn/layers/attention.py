@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from ..ops import WindowPlan, window_attention
 from ..ops.backends.sdpa import (
+    ExpandedMaskCache,
     attend_qkv,
     combine_mask,
-    expand_to_batch,
     explicit_attention,
     prefers_matmuls,
 )
@@ -47,9 +49,8 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        # Eval-time cache of the folded bias + shift mask, batch-expanded, per (plan, dtype,
-        # batch); entries carry the table's identity and version so an update invalidates them.
-        self._mask_cache: dict[tuple, tuple[tuple, torch.Tensor | None]] = {}
+        # Eval-time cache of the folded bias + shift mask, batch-expanded.
+        self._mask_cache = ExpandedMaskCache()
 
     def relative_position_bias(self, window_size: tuple[int, int]) -> torch.Tensor:
         """``(heads, N, N)`` bias for ``window_size`` (at most the table's window)."""
@@ -91,20 +92,11 @@ class WindowAttention(nn.Module):
         return combine_mask(plan.mask_as(dtype), bias, dtype)
 
     def _cached_mask(self, plan: WindowPlan, dtype: torch.dtype, rows: int) -> torch.Tensor | None:
-        """:meth:`window_mask` expanded to ``rows`` windows, cached until the table changes.
-        One batch size is kept per plan and dtype: the expanded mask grows with the batch."""
+        """:meth:`window_mask` expanded to ``rows`` windows, cached until the table changes."""
         table = self.relative_position_bias_table
         weights = (table.data_ptr(), table._version)
-        key = (plan, dtype)
-        hit = self._mask_cache.get(key)
-        if hit is not None and hit[0] == (weights, rows):
-            return hit[1]
-        if any(entry[0][0] != weights for entry in self._mask_cache.values()):
-            self._mask_cache.clear()  # the table changed: every entry is stale
-        mask = self.window_mask(plan, dtype)
-        mask = None if mask is None else expand_to_batch(mask, rows)
-        self._mask_cache[key] = ((weights, rows), mask)
-        return mask
+        build = functools.partial(self.window_mask, plan, dtype)
+        return self._mask_cache.get(plan, dtype, rows, weights, build)
 
     def forward_windows(
         self,

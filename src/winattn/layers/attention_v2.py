@@ -23,9 +23,9 @@ from torch import nn
 
 from ..ops import WindowPlan, window_attention
 from ..ops.backends.sdpa import (
+    ExpandedMaskCache,
     attend_qkv,
     combine_mask,
-    expand_to_batch,
     explicit_attention,
     prefers_matmuls,
 )
@@ -189,7 +189,7 @@ class WindowAttentionV2(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self._bias_cache: dict[tuple, torch.Tensor] = {}
-        self._mask_cache: dict[tuple, torch.Tensor | None] = {}
+        self._mask_cache = ExpandedMaskCache()  # eval-time bias + shift mask, batch-expanded
 
     def _compute_position_bias(
         self,
@@ -247,25 +247,15 @@ class WindowAttentionV2(nn.Module):
     def _cached_mask(
         self, plan: WindowPlan, rows: int, dtype: torch.dtype
     ) -> torch.Tensor | None:
-        """Position bias + shift mask of ``plan`` in ``dtype``, ``(nW or 1, heads, N, N)``,
-        expanded to ``rows`` windows when it has one per window (SDPA broadcasts size-1 dims
-        only); cached until the CPB weights change. One batch size is kept per plan and dtype
-        (the expanded mask grows with the batch: 96 MiB for window 16's first stage at batch 8
-        in float32)."""
-        stamp = (self._cpb_stamp(), rows)
-        key = (plan, dtype)
-        hit = self._mask_cache.get(key)
-        if hit is not None and hit[0] == stamp:
-            return hit[1]
-        if any(entry[0][0] != stamp[0] for entry in self._mask_cache.values()):
-            self._mask_cache.clear()  # the weights changed: every entry is stale
-        work = torch.promote_types(dtype, torch.float32)  # built in float32 or wider
-        with torch.inference_mode(False), torch.no_grad():
+        """Position bias + shift mask of ``plan`` in ``dtype`` (built in float32 or wider),
+        expanded to ``rows`` windows, cached until the CPB weights change."""
+        work = torch.promote_types(dtype, torch.float32)
+
+        def build() -> torch.Tensor | None:
             bias = self.position_bias(plan.window_size).to(work)
-            mask = combine_mask(plan.mask_as(work), bias, work)
-            mask = expand_to_batch(mask, rows).to(dtype)
-        self._mask_cache[key] = (stamp, mask)
-        return mask
+            return combine_mask(plan.mask_as(work), bias, work)  # (nW or 1, heads, N, N)
+
+        return self._mask_cache.get(plan, dtype, rows, self._cpb_stamp(), build)
 
     def forward_windows(self, x: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
         """Attention on tokens already in ``plan``'s window order.
