@@ -46,58 +46,35 @@ def randomise_norms_(model: torch.nn.Module, seed: int = 0) -> None:
                 param.copy_(noise + 1.0 if name.endswith("weight") else noise)
 
 
-def build(name: str, peers: list[str]) -> tuple[dict, dict]:
-    """``{library: (model, twin)}``: twin is the winattn model that must reproduce the peer."""
+def build(name: str, peer_names: list[str]) -> dict[str, cases.Peer]:
+    """winattn (timm's weights, non-trivial post-norms) and the requested peers, as
+    ``winattn bench`` builds them; torchvision keeps its own random weights, which
+    :func:`~winattn.cli.bench_cases.check_parity` converts for its winattn twin."""
     import timm
 
-    resolution = int(name.rsplit("_", 1)[1])
     timm_model = timm.create_model(name, drop_path_rate=0.0).eval()
     randomise_norms_(timm_model)
     ours = winattn.create_model(name, drop_path_rate=0.0).eval()
     ours.load_state_dict(timm_model.state_dict())
-    built = {"winattn": (ours, None), "timm": (timm_model, ours)}
-    if "torchvision" in peers and name in TORCHVISION:
+    peers = {"winattn": cases.Peer("winattn", ours, ours, ours.forward_features),
+             "timm": cases.Peer("timm", timm_model, timm_model, timm_model.forward_features)}
+    if "torchvision" in peer_names and name in TORCHVISION:
         import torchvision
 
         tv = getattr(torchvision.models, TORCHVISION[name])(weights=None).eval()
         randomise_norms_(tv)
-        twin = winattn.create_model(name).eval()
-        winattn.load_checkpoint(twin, tv.state_dict())
-        built["torchvision"] = (tv, twin)
-    return built, {"resolution": resolution}
+        peers["torchvision"] = cases.Peer("torchvision", tv, tv,
+                                          lambda x, m=tv: m.norm(m.features(x)))
+    return peers
 
 
-def check_parity(built: dict, x: torch.Tensor, dtype: str) -> dict:
-    report = {}
-    with torch.no_grad():
-        for library, (model, twin) in built.items():
-            if twin is None:
-                continue
-            ref_peer, ref_ours = model(x).float(), twin(x).float()
-            if dtype == "fp32":
-                err = (ref_ours - ref_peer).abs().max().item()
-                report[library] = {"max_abs_diff": err, "tolerance": 1e-4, "ok": err <= 1e-4}
-            else:
-                with cases.autocast_context(dtype):
-                    low_peer, low_ours = model(x).float(), twin(x).float()
-                err_ours = (low_ours - ref_ours).abs().max().item()
-                err_peer = (low_peer - ref_peer).abs().max().item()
-                bound = 2 * err_peer + 1e-3
-                report[library] = {"winattn_error": err_ours, "peer_error": err_peer,
-                                   "bound": bound, "ok": err_ours <= bound}
-            if not report[library]["ok"]:
-                raise AssertionError(f"winattn and {library} disagree ({dtype}): {report[library]}")
-    return report
-
-
-def training_rows(name: str, built: dict, resolution: int, dtypes: list[str], repeats: int,
-                  lines: list[str]) -> list[dict]:
+def training_rows(name: str, built: dict[str, cases.Peer], resolution: int, dtypes: list[str],
+                  repeats: int, lines: list[str]) -> list[dict]:
     """A training step of winattn and timm at batch 8 (see the module docstring)."""
     batch = 8
     x = torch.randn(batch, 3, resolution, resolution)
     target = torch.randint(0, 1000, (batch,))
-    peers = {lib: cases.Peer(lib, built[lib][0], built[lib][0], built[lib][0].forward_features)
-             for lib in ("winattn", "timm")}
+    peers = {lib: built[lib] for lib in ("winattn", "timm")}
     rows = []
     for dtype in dtypes:
         print(f"[{time.strftime('%H:%M:%S')}] {name} training step {dtype}", flush=True)
@@ -146,13 +123,14 @@ def main() -> int:
     lines = ["| model | batch | dtype | library | median ms | ratio | parity |",
              "|---|---|---|---|---|---|---|"]
     for name in args.models:
-        built, info = build(name, args.peers)
+        built = build(name, args.peers)
+        resolution = int(name.rsplit("_", 1)[1])
         for batch in args.batches:
-            x = torch.randn(batch, 3, info["resolution"], info["resolution"])
+            x = torch.randn(batch, 3, resolution, resolution)
             for dtype in args.dtypes:
                 print(f"[{time.strftime('%H:%M:%S')}] {name} batch {batch} {dtype}", flush=True)
-                parity = check_parity(built, x, dtype)
-                fns = {lib: (lambda m=model: m(x)) for lib, (model, _) in built.items()}
+                parity = cases.check_parity(name, built, x, dtype)
+                fns = {lib: (lambda p=p: p.logits(x)) for lib, p in built.items()}
                 with torch.no_grad(), cases.autocast_context(dtype):
                     times = cases.time_interleaved(fns, args.warmup, args.repeats)
                 summary = cases.summarise(times)
@@ -164,7 +142,7 @@ def main() -> int:
                     lines.append(f"| {name} | {batch} | {dtype} | {lib} | "
                                  f"{stats['median_ms']:.1f} | {ratio:.2f}x | {check} |")
         if args.train:
-            results["rows"] += training_rows(name, built, info["resolution"], args.dtypes,
+            results["rows"] += training_rows(name, built, resolution, args.dtypes,
                                              args.train_repeats, lines)
     table = "\n".join(lines)
     print(table)
