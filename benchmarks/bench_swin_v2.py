@@ -78,21 +78,11 @@ def training_rows(name: str, built: dict[str, cases.Peer], resolution: int, dtyp
     rows = []
     for dtype in dtypes:
         print(f"[{time.strftime('%H:%M:%S')}] {name} training step {dtype}", flush=True)
-        for peer in peers.values():
-            peer.model.train()
-        with torch.no_grad():  # drop path is off: train mode computes the eval function
-            err = (peers["winattn"].logits(x) - peers["timm"].logits(x)).abs().max().item()
-        if err > 1e-4:
-            raise AssertionError(f"winattn and timm disagree in train mode: {err}")
-        saved = {lib: cases.saved_activation_bytes(p, x, dtype) / 2**20
-                 for lib, p in peers.items()}
-        fns = {lib: cases.train_step_fn(p, x, target, dtype) for lib, p in peers.items()}
-        summary = cases.summarise(cases.time_interleaved(fns, 1, repeats))
+        summary, err = cases.time_training_steps(peers, x, target, dtype, 1, repeats)
         for lib, stats in summary.items():
-            stats["activation_mib"] = saved[lib]
             lines.append(f"| {name} train | {batch} | {dtype} | {lib} | "
                          f"{stats['median_ms']:.0f} | {stats['speedup_of_winattn']:.2f}x | "
-                         f"activations {saved[lib]:.0f} MiB |")
+                         f"activations {stats['activation_mib']:.0f} MiB |")
         rows.append(dict(model=name, batch=batch, dtype=dtype, mode="train", max_abs_diff=err,
                          peers=summary))
     for peer in peers.values():

@@ -150,25 +150,15 @@ def training_section(settings: dict, peer_names: list[str], memory: bool, result
     for dtype in settings["train_dtypes"]:
         peers, _ = cases.build_peers(variant, [p for p in peer_names if p == "timm"])
         _log(f"training {variant} batch {batch} {dtype}")
-        for peer in peers.values():
-            peer.model.train()
-        with torch.no_grad():  # drop path is off: train mode computes the eval function
-            ref = peers["timm"].logits(x)
-            err = (peers["winattn"].logits(x) - ref).abs().max().item()
-        if err > 1e-4:
-            raise AssertionError(f"winattn and timm disagree in train mode: {err}")
-        activations = {n: cases.saved_activation_bytes(p, x, dtype) / 2**20 for n, p in peers.items()}
-        fns = {n: cases.train_step_fn(p, x, target, dtype) for n, p in peers.items()}
-        times = cases.time_interleaved(fns, settings["warmup"], settings["train_repeats"])
-        summary = cases.summarise(times)
+        summary, err = cases.time_training_steps(
+            peers, x, target, dtype, settings["warmup"], settings["train_repeats"])
         for name, stats in summary.items():
-            stats["activation_mib"] = activations[name]
             if memory:
                 _log(f"  peak RSS of a training process: {name}")
                 stats["memory"] = cases.measure_memory(dict(
                     variant=variant, peer=name, mode="train", batch=batch, dtype=dtype, steps=2))
         rows.append(dict(model=variant, batch=batch, dtype=dtype, max_abs_diff=err, peers=summary))
-        del peers, fns
+        del peers
     return rows
 
 

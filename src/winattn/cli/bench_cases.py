@@ -287,6 +287,28 @@ def train_step_fn(peer: Peer, x: torch.Tensor, target: torch.Tensor, dtype: str)
     return step
 
 
+def time_training_steps(
+    peers: dict[str, Peer], x: torch.Tensor, target: torch.Tensor, dtype: str, warmup: int,
+    repeats: int,
+) -> tuple[dict[str, dict], float]:
+    """Training steps of ``peers`` taking turns (:func:`train_step_fn`), after checking that
+    winattn and timm compute the same function in train mode (drop path off: within 1e-4).
+    Returns :func:`summarise`'s medians with each library's ``activation_mib`` (bytes autograd
+    saves in one forward), and the train-mode difference."""
+    for peer in peers.values():
+        peer.model.train()
+    with torch.no_grad():  # drop path is off: train mode computes the eval function
+        err = (peers["winattn"].logits(x) - peers["timm"].logits(x)).abs().max().item()
+    if err > 1e-4:
+        raise AssertionError(f"winattn and timm disagree in train mode: {err}")
+    activations = {n: saved_activation_bytes(p, x, dtype) / 2**20 for n, p in peers.items()}
+    fns = {n: train_step_fn(p, x, target, dtype) for n, p in peers.items()}
+    summary = summarise(time_interleaved(fns, warmup, repeats))
+    for name, stats in summary.items():
+        stats["activation_mib"] = activations[name]
+    return summary, err
+
+
 def saved_activation_bytes(peer: Peer, x: torch.Tensor, dtype: str) -> int:
     """Bytes autograd keeps for backward after one forward (distinct storages, parameters
     excluded): the activation memory of a training step."""
