@@ -187,10 +187,12 @@ def run_in_window_order(
     if (padded_h, padded_w) != (height, width):
         x = F.pad(x, (0, 0, 0, padded_w - width, 0, padded_h - height))
     tokens = plans[0].partition(x).view(batch, -1, channels)  # (B, L, C) window order
+    # One padding mask per distinct plan (plain and shifted), not one per block.
+    paddings = {plan: padded_token_mask(plan, (height, width)) for plan in set(plans)}
     for i, (block, plan) in enumerate(zip(blocks, plans)):
         if i > 0 and plan is not plans[i - 1]:
             tokens = move_tokens(tokens, plans[i - 1], plan)
-        padding = padded_token_mask(plan, (height, width))
+        padding = paddings[plan]
         if grad_checkpointing and torch.is_grad_enabled():
             tokens = checkpoint(block.forward_windows, tokens, plan, padding, use_reentrant=False)
         else:
