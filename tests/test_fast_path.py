@@ -3,6 +3,8 @@ the recompute-in-backward Function included) and the window-order Swin stages.""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -631,6 +633,11 @@ def test_bf16_inference_weights_and_biases_follow_updates_and_models_still_deepc
         model.layers[0].blocks[0].attn.proj.bias.add_(1.0)  # nor a bias (cached cast too)
     assert not torch.allclose(run(model), before)
     torch.testing.assert_close(run(model), run(copy.deepcopy(model)))
+    before = run(model)
+    with torch.no_grad():
+        model.head.fc.weight.mul_(2.0)  # nor the classifier's (the head runs oneDNN too)
+    assert not torch.allclose(run(model), before)
+    torch.testing.assert_close(run(model), run(copy.deepcopy(model)))
 
 
 # --------------------------------------------------------------------------- attention path
@@ -694,3 +701,88 @@ def test_float32_gradients_through_onednn_match_float64(monkeypatch, amx):
         want_grads = torch.autograd.grad(want, [xd, *ref_params], grad.double())
         for i, (a, b) in enumerate(zip(got_grads, want_grads)):
             torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=f"{rows} {i}")
+
+
+# --------------------------------------------------------------------------- small pieces
+@pytest.mark.parametrize("size", [(32, 32), (30, 42)])  # the second pads to (32, 44)
+def test_patch_embedding_as_one_matmul_equals_the_convolution(size):
+    import copy
+
+    from winattn.layers import PatchEmbed
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(patch_size=4, in_chans=3, embed_dim=8).double()
+    with torch.no_grad():  # LayerNorm affine parameters away from 1 and 0
+        embed.norm.weight.uniform_(0.5, 1.5)
+        embed.norm.bias.normal_()
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+
+    def by_convolution(module, images):
+        pad = (0, -size[1] % 4, 0, -size[0] % 4)
+        out = module.proj(torch.nn.functional.pad(images, pad))
+        return module.norm(out.permute(0, 2, 3, 1))
+
+    def by_matmul(images):
+        return embed.norm(embed._embed_patches(torch.nn.functional.pad(images, pad)))
+
+    pad = (0, -size[1] % 4, 0, -size[0] % 4)
+    results = []
+    for run in (by_matmul, functools.partial(by_convolution, embed)):
+        embed.zero_grad()
+        out = run(x)
+        out.square().sum().backward()
+        results.append([out.detach(), *(p.grad.clone() for p in embed.parameters())])
+    assert results[0][0].shape == (2, -(-size[0] // 4), -(-size[1] // 4), 8)
+    for fast, reference in zip(*results):
+        torch.testing.assert_close(fast, reference, rtol=1e-10, atol=1e-10)
+
+    # Under bf16 autocast: the matmul's error within STYLE's rule of the convolution's.
+    single = copy.deepcopy(embed).float()
+    grad = torch.randn_like(results[0][0])
+    exact = _autocast_grads(functools.partial(by_convolution, embed),
+                            x.clone().requires_grad_(), list(embed.parameters()), grad, False)
+    x32, params = x.float().requires_grad_(), list(single.parameters())
+    reference = _autocast_grads(functools.partial(by_convolution, single), x32, params,
+                                grad.float(), True)
+    fast = _autocast_grads(single, x32, params, grad.float(), True)
+    _assert_within_tolerance_rule(exact, reference, fast, floor=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert single._embeds_by_matmul(x32)  # the path the comparison above took
+    # float32 keeps the convolution: the peers' rounding, bit for bit.
+    assert not single._embeds_by_matmul(x32)
+    with torch.no_grad():
+        torch.testing.assert_close(single(x32), by_convolution(single, x32), rtol=0, atol=0)
+
+
+def test_patch_embedding_cached_kernel_follows_updates():
+    from winattn.layers import PatchEmbed
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(patch_size=4, in_chans=3, embed_dim=8).eval()
+    x = torch.randn(1, 3, 16, 16)
+    for autocast in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            before = embed(x).float()
+            embed.proj.weight.mul_(-1.0)  # an in-place update: the cached kernel is stale
+            after = embed(x).float()
+            embed.proj.weight.mul_(-1.0)
+        assert not torch.allclose(before, after)
+
+
+def test_cached_masks_are_contiguous_for_sdpa():
+    # SDPA's CPU kernel copies a strided mask on every call; the folded masks are built
+    # contiguous (the bias gathered from the table is a permuted view).
+    import winattn
+    from winattn.ops.backends.sdpa import combine_mask
+
+    bias = torch.randn(4, 4, 3).permute(2, 0, 1)  # (heads, N, N), strided
+    assert combine_mask(None, bias, torch.bfloat16).is_contiguous()
+    assert combine_mask(torch.zeros(5, 4, 4), bias, torch.float32).is_contiguous()
+    for name in ("swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"):
+        model = winattn.create_model(name, depths=(2, 2), num_heads=(1, 2), embed_dim=16,
+                                     num_classes=3).eval()
+        with torch.no_grad():
+            model(torch.randn(1, 3, 64, 64))
+        masks = [entry[1] for module in model.modules() if hasattr(module, "_mask_cache")
+                 for entry in module._mask_cache._entries.values()]
+        assert masks and all(m is None or m.is_contiguous() for m in masks), name

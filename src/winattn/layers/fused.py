@@ -162,7 +162,7 @@ def _inference_params(
     oneDNN's blocked layout, which the matmul otherwise redoes on every call (a bf16 Swin-T
     forward measured 2-20% faster across runs; float32 was not faster, so it keeps plain
     weights); the bias cast is kept too rather than redone per call."""
-    weight, bias = layer.weight, layer.bias
+    weight, bias = _weight_matrix(layer), layer.bias
     pack = dtype == torch.bfloat16 and _can_pack_weights()
     if weight.dtype == dtype and not pack and (bias is None or bias.dtype == dtype):
         return weight, bias
@@ -179,14 +179,23 @@ def _inference_params(
     return cached[1], cached[2]
 
 
+def _weight_matrix(layer: nn.Module) -> torch.Tensor:
+    """``layer``'s weight as ``(out, in)``: a convolution's kernel flattened to
+    ``(out, in * kh * kw)`` (a view, which shares the parameter's version counter)."""
+    weight = layer.weight
+    return weight if weight.dim() == 2 else weight.flatten(1)
+
+
 def linear(
     x: torch.Tensor,
-    layer: nn.Linear,
+    layer: nn.Linear | nn.Conv2d,
     gelu: bool = False,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``layer(x)``, followed by exact (erf) GELU when ``gelu``; same numerics as the modules.
     ``bias``, when given, replaces the layer's own (Swin V2 builds its qkv bias per call).
+    ``layer`` may be a convolution whose stride equals its kernel, applied to ``x`` holding
+    its patches ``(..., in * kh * kw)`` in the kernel's (channel, row, column) order.
 
     Under CPU autocast the matmul runs in the autocast dtype, as ``nn.Linear`` would.
     """
@@ -199,10 +208,14 @@ def linear(
             bias = own_bias if bias is None else bias.to(dtype)
             return _matmul_forward(x.to(dtype), weight, bias, "gelu" if gelu else "none")
         bias = layer.bias if bias is None else bias
+        weight = _weight_matrix(layer).to(dtype)
         with torch.autocast("cpu", enabled=False):
-            out = _LinearFunction.apply(x.to(dtype), layer.weight.to(dtype), _cast(bias, dtype))
+            out = _LinearFunction.apply(x.to(dtype), weight, _cast(bias, dtype))
             return F.gelu(out) if gelu else out
-    out = layer(x) if bias is None else F.linear(x, layer.weight, bias)
+    if bias is None and isinstance(layer, nn.Linear):
+        out = layer(x)
+    else:
+        out = F.linear(x, _weight_matrix(layer), layer.bias if bias is None else bias)
     return F.gelu(out) if gelu else out
 
 
