@@ -427,6 +427,70 @@ def test_norm_mlp_recomputing_its_hidden_layer_keeps_less_and_matches(monkeypatc
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_mlp_without_norm_matches_modules_and_keeps_less(monkeypatch, recompute, bias):
+    """Swin V2's ``fc2(gelu(fc1(x)))`` (its norm comes after): float32 outputs and gradients
+    against the modules in float64; it keeps ``x`` and the pre-activation, the modules also
+    keep the GELU's output (one hidden layer more); with ``recompute`` not the pre-activation
+    either."""
+    monkeypatch.setattr(fused, "RECOMPUTE_CHUNK_TOKENS", 8)
+    torch.manual_seed(0)
+    fc1, fc2 = torch.nn.Linear(12, 48, bias=bias), torch.nn.Linear(48, 12, bias=bias)
+    params = [*fc1.parameters(), *fc2.parameters()]
+    weights = {p.untyped_storage().data_ptr() for p in params}
+    x = torch.randn(3, 7, 12, requires_grad=True)
+    grad = torch.randn(3, 7, 12)
+    kept = {}
+    for name, fn in (("fused", lambda t: fused.mlp(t, fc1, fc2, recompute_hidden=recompute)),
+                     ("modules", lambda t: fc2(torch.nn.functional.gelu(fc1(t))))):
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in weights:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn(x)
+        kept[name] = sum(storages.values())
+        if name == "fused":
+            got = out
+    assert type(got.grad_fn).__name__ == "_NormMlpFunctionBackward"
+    hidden_bytes = 3 * 7 * 48 * 4
+    assert kept["modules"] - kept["fused"] == hidden_bytes * (2 if recompute else 1)
+    got_grads = torch.autograd.grad(got, [x, *params], grad)
+    with torch.no_grad():
+        no_grad = fused.mlp(x, fc1, fc2)  # the fused oneDNN inference calls
+    fc1.double(), fc2.double()
+    x64 = x.detach().double().requires_grad_()
+    want = fc2(torch.nn.functional.gelu(fc1(x64)))
+    want_grads = torch.autograd.grad(want, [x64, *params], grad.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(no_grad.double(), want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_without_norm_under_bf16_autocast_within_tolerance_rule():
+    torch.manual_seed(0)
+    fc1, fc2 = torch.nn.Linear(32, 128), torch.nn.Linear(128, 32)
+    params = list(fc1.parameters()) + list(fc2.parameters())
+    x = torch.randn(4, 49, 32, requires_grad=True)
+    grad = torch.randn(4, 49, 32)
+
+    def modules(t):
+        return fc2(torch.nn.functional.gelu(fc1(t)))
+
+    reference = _autocast_grads(modules, x, params, grad, True)
+    fast = _autocast_grads(lambda t: fused.mlp(t, fc1, fc2), x, params, grad, True)
+    fc1.double(), fc2.double()
+    params64 = list(fc1.parameters()) + list(fc2.parameters())
+    x64 = x.detach().double().requires_grad_()
+    exact = _autocast_grads(modules, x64, params64, grad.double(), False)
+    _assert_within_tolerance_rule(exact, reference, fast, floor=1e-2)
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_norm_linear_function_matches_modules(padded):
     """float32 (the Function's oneDNN matmul has no float64) against the modules in float64."""

@@ -239,6 +239,9 @@ class _NormMlpFunction(torch.autograd.Function):
 
     Under CPU autocast the matmuls run in the autocast dtype and the norm in float32, as the
     modules would; gradients come back in the parameters' dtypes.
+
+    ``eps=None`` means no norm (Swin V2's MLP, whose norm comes after it): ``fc2(gelu(fc1(x)))``
+    keeping ``x`` and the pre-activation only.
     """
 
     @staticmethod
@@ -250,11 +253,16 @@ class _NormMlpFunction(torch.autograd.Function):
         fc1 = (fc1_weight.to(dtype), _cast(fc1_bias, dtype))
         fc2 = (fc2_weight.to(dtype), _cast(fc2_bias, dtype))
         with torch.autocast("cpu", enabled=False):
-            normed, mean, rstd = torch.native_layer_norm(x, width, norm_weight, norm_bias, eps)
-            normed = normed.to(dtype)
+            if eps is None:
+                normed, mean, rstd = x.to(dtype), None, None
+            else:
+                normed, mean, rstd = torch.native_layer_norm(
+                    x, width, norm_weight, norm_bias, eps
+                )
+                normed = normed.to(dtype)
             if recompute:
                 pre = None
-                out = _chunked_mlp_forward(normed.view(-1, width[0]), fc1, fc2)
+                out = _chunked_mlp_forward(normed.reshape(-1, width[0]), fc1, fc2)
                 out = out.view(*x.shape[:-1], -1)
             else:
                 pre = _matmul_forward(normed, *fc1)
@@ -277,7 +285,7 @@ class _NormMlpFunction(torch.autograd.Function):
         with torch.autocast("cpu", enabled=False):
             grad_out = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])  # (T, C_out)
             if pre is None:
-                normed = _renormalise(x, norm_weight, norm_bias, ctx.eps).to(dtype)
+                normed = _mlp_input(x, norm_weight, norm_bias, ctx.eps, dtype)
                 grads = _chunked_mlp_backward(
                     grad_out, normed, fc1_weight, _cast(fc1_bias, dtype), fc2_weight, x.dtype
                 )
@@ -292,14 +300,17 @@ class _NormMlpFunction(torch.autograd.Function):
                     grad_hidden, pre.reshape(grad_hidden.shape), grad_input=grad_hidden
                 )
                 del grad_hidden, pre
-                normed = _renormalise(x, norm_weight, norm_bias, ctx.eps).to(dtype)
+                normed = _mlp_input(x, norm_weight, norm_bias, ctx.eps, dtype)
                 grad_fc1_weight = _grad_weight(grad_pre, normed)
                 del normed
                 grad_fc1_bias = grad_pre.sum(0) if ctx.has_bias[0] else None
                 grad_normed = _grad_input(grad_pre, fc1_weight.to(dtype)).to(x.dtype)
-            grad_x, grad_norm_weight, grad_norm_bias = _layer_norm_backward(
-                grad_normed.view(x.shape), x, mean, rstd, norm_weight, norm_bias
-            )
+            if ctx.eps is None:
+                grad_x, grad_norm_weight, grad_norm_bias = grad_normed.view(x.shape), None, None
+            else:
+                grad_x, grad_norm_weight, grad_norm_bias = _layer_norm_backward(
+                    grad_normed.view(x.shape), x, mean, rstd, norm_weight, norm_bias
+                )
             grad_fc2_bias = grad_out.sum(0).to(fc2_weight.dtype) if ctx.has_bias[1] else None
         return (
             grad_x,
@@ -360,6 +371,20 @@ def _chunked_mlp_backward(
             grad_b1 += grad_pre.sum(0)
         grad_normed[rows] = _grad_input_by(grad_pre, w1_by)
     return grad_normed, grad_w1, grad_b1, grad_w2
+
+
+def _mlp_input(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    eps: float | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The MLP's input ``(T, C)`` in ``dtype``, recomputed in backward: ``x`` normalised again,
+    or ``x`` itself without a norm (``eps`` None)."""
+    if eps is None:
+        return x.reshape(-1, x.shape[-1]).to(dtype)
+    return _renormalise(x, norm_weight, norm_bias, eps).to(dtype)
 
 
 def _renormalise(
@@ -576,4 +601,20 @@ def norm_mlp(
         fc2.weight,
         fc2.bias,
         recompute_hidden,
+    )
+
+
+def mlp(
+    x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, recompute_hidden: bool = False
+) -> torch.Tensor:
+    """``fc2(gelu(fc1(x)))``: :func:`norm_mlp` without the norm (Swin V2 normalises after the
+    MLP). With gradients on the CPU the Function keeps ``x`` and ``fc1``'s pre-activation,
+    not the GELU's output as the modules do (4 channel widths per token less); with
+    ``recompute_hidden`` not the pre-activation either."""
+    if not torch.is_grad_enabled():
+        return linear(linear(x, fc1, gelu=True), fc2)
+    if not (_onednn_ready(x) and compute_dtype(x) in _ONEDNN_DTYPES):
+        return fc2(F.gelu(fc1(x)))
+    return _NormMlpFunction.apply(
+        x, None, None, None, fc1.weight, fc1.bias, fc2.weight, fc2.bias, recompute_hidden
     )
