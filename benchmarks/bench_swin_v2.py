@@ -30,41 +30,15 @@ from pathlib import Path
 
 import torch
 
-import winattn
 from winattn.cli import bench_cases as cases
-
-TORCHVISION = {"swinv2_tiny_window8_256": "swin_v2_t"}
-
-
-def randomise_norms_(model: torch.nn.Module, seed: int = 0) -> None:
-    """LayerNorm gains around 1 and biases around 0, instead of timm's zeroed post-norms."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name and param.dim() == 1:
-                noise = 0.1 * torch.randn(param.shape, generator=gen)
-                param.copy_(noise + 1.0 if name.endswith("weight") else noise)
 
 
 def build(name: str, peer_names: list[str]) -> dict[str, cases.Peer]:
-    """winattn (timm's weights, non-trivial post-norms) and the requested peers, as
-    ``winattn bench`` builds them; torchvision keeps its own random weights, which
-    :func:`~winattn.cli.bench_cases.check_parity` converts for its winattn twin."""
-    import timm
-
-    timm_model = timm.create_model(name, drop_path_rate=0.0).eval()
-    randomise_norms_(timm_model)
-    ours = winattn.create_model(name, drop_path_rate=0.0).eval()
-    ours.load_state_dict(timm_model.state_dict())
-    peers = {"winattn": cases.Peer("winattn", ours, ours, ours.forward_features),
-             "timm": cases.Peer("timm", timm_model, timm_model, timm_model.forward_features)}
-    if "torchvision" in peer_names and name in TORCHVISION:
-        import torchvision
-
-        tv = getattr(torchvision.models, TORCHVISION[name])(weights=None).eval()
-        randomise_norms_(tv)
-        peers["torchvision"] = cases.Peer("torchvision", tv, tv,
-                                          lambda x, m=tv: m.norm(m.features(x)))
+    """winattn (timm's weights, non-trivial post-norms) and the requested peers, built as
+    ``winattn bench --models`` builds them (:func:`~winattn.cli.bench_cases.build_peers`)."""
+    peers, notes = cases.build_peers(name, peer_names)
+    for lib, why in notes.items():
+        print(f"{name}: {lib} {why}", flush=True)
     return peers
 
 
@@ -92,7 +66,8 @@ def training_rows(name: str, built: dict[str, cases.Peer], resolution: int, dtyp
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["swinv2_tiny_window8_256"])
+    parser.add_argument("--models", nargs="+", default=["swinv2_tiny_window8_256"],
+                        choices=list(cases.VARIANTS_V2))
     parser.add_argument("--peers", nargs="+", default=["timm", "torchvision"],
                         choices=["timm", "torchvision"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
@@ -114,7 +89,7 @@ def main() -> int:
              "|---|---|---|---|---|---|---|"]
     for name in args.models:
         built = build(name, args.peers)
-        resolution = int(name.rsplit("_", 1)[1])
+        resolution = cases.image_size(name)
         for batch in args.batches:
             x = torch.randn(batch, 3, resolution, resolution)
             for dtype in args.dtypes:

@@ -67,3 +67,26 @@ def test_gpu_swin_benchmark_runs_its_cpu_dry_run(tmp_path):
     assert [r["entry"] for r in rows] == ["winattn-fused", "winattn-window-order", "timm"]
     assert all(r["infer_img_s"] > 0 and r["train_img_s"] > 0 for r in rows)
     assert "| winattn-fused |" in done.stdout
+
+
+def test_v2_peers_have_live_post_norms_and_pass_the_parity_check():
+    """``winattn bench --models swinv2_...``: timm's and torchvision's zero-initialised post-norms
+    are randomised (else every block is the identity and the parity check could not see a
+    wrong attention), winattn holds timm's weights, and the check agrees in both dtypes."""
+    import pytest
+
+    pytest.importorskip("timm")
+    pytest.importorskip("torchvision")
+    from winattn.cli.bench_cases import build_peers, check_parity, image_size
+
+    variant = "swinv2_tiny_window8_256"
+    peers, notes = build_peers(variant, ["timm", "torchvision", "transformers"])
+    assert set(peers) == {"winattn", "timm", "torchvision"} and "transformers" in notes
+    for name in ("timm", "torchvision"):
+        norms = [p for n, p in peers[name].model.named_parameters() if "norm1.weight" in n]
+        assert norms and all(p.abs().min() > 0.5 for p in norms), name
+    assert image_size(variant) == 256
+    x = torch.randn(1, 3, 256, 256)
+    for dtype in ("fp32", "bf16"):
+        report = check_parity(variant, peers, x, dtype)
+        assert all(r["checked"] and r["ok"] for r in report.values())

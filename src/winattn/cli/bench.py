@@ -31,7 +31,7 @@ PRESETS = {
         train_repeats=7,
     ),
     "full": dict(
-        models=list(cases.VARIANTS), batches=[1, 8], dtypes=["fp32", "bf16"],
+        models=[*cases.VARIANTS, "swinv2_tiny_window8_256"], batches=[1, 8], dtypes=["fp32", "bf16"],
         train_dtypes=["fp32", "bf16"], resolutions=[224, 448, 512, 768, 1024], repeats=7,
         warmup=1, train_repeats=7,
     ),
@@ -53,6 +53,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                         help="default: Swin-T, a few minutes; full: Swin-T/S/B and more sizes")
+    parser.add_argument("--models", nargs="+", choices=[*cases.VARIANTS, *cases.VARIANTS_V2],
+                        help="models instead of the preset's (inference; training times the "
+                        "first; features and operator the first Swin V1 one)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--peers", nargs="+", default=["timm", "torchvision", "transformers"],
                         choices=["timm", "torchvision", "transformers"])
@@ -65,6 +68,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the selected sections, write the results, print the Markdown table."""
     settings = dict(PRESETS[args.preset])
+    if args.models:
+        settings["models"] = list(args.models)
     if args.repeats:
         settings["repeats"] = args.repeats
     if args.threads:
@@ -118,11 +123,13 @@ def inference_section(settings: dict, peer_names: list[str], results: dict) -> l
     for variant in settings["models"]:
         peers, notes = cases.build_peers(variant, peer_names)
         results["notes"] += [f"{variant}: {name} {why}" for name, why in notes.items()]
+        size = cases.image_size(variant)
         for batch in settings["batches"]:
-            x = torch.randn(batch, 3, 224, 224)
+            x = torch.randn(batch, 3, size, size)
             # Counted on timm's model: plain aten ops that the counter knows (winattn's fused
             # oneDNN calls are invisible to it); the nominal work is the same for every peer.
-            flops = cases.count_flops(lambda: peers["timm"].model(x))
+            timm_model = peers["timm"].model
+            flops = cases.count_flops(lambda: timm_model(x))
             for dtype in settings["dtypes"]:
                 _log(f"inference {variant} batch {batch} {dtype}")
                 parity = cases.check_parity(variant, peers, x, dtype)
@@ -134,7 +141,7 @@ def inference_section(settings: dict, peer_names: list[str], results: dict) -> l
                     stats["gflops"] = flops / (stats["median_ms"] / 1e3) / 1e9
                     stats["utilisation"] = stats["gflops"] / results["peak_gflops"][dtype]
                 rows.append(dict(model=variant, batch=batch, dtype=dtype, flops=flops,
-                                 parity=parity, peers=summary))
+                                 size=size, parity=parity, peers=summary))
         del peers
     return rows
 
@@ -145,7 +152,8 @@ def training_section(settings: dict, peer_names: list[str], memory: bool, result
     rows = []
     variant = settings["models"][0]
     batch = 8
-    x = torch.randn(batch, 3, 224, 224)
+    size = cases.image_size(variant)
+    x = torch.randn(batch, 3, size, size)
     target = torch.randint(0, 1000, (batch,))
     for dtype in settings["train_dtypes"]:
         peers, _ = cases.build_peers(variant, [p for p in peer_names if p == "timm"])
@@ -157,7 +165,8 @@ def training_section(settings: dict, peer_names: list[str], memory: bool, result
                 _log(f"  peak RSS of a training process: {name}")
                 stats["memory"] = cases.measure_memory(dict(
                     variant=variant, peer=name, mode="train", batch=batch, dtype=dtype, steps=2))
-        rows.append(dict(model=variant, batch=batch, dtype=dtype, max_abs_diff=err, peers=summary))
+        rows.append(dict(model=variant, batch=batch, dtype=dtype, size=size, max_abs_diff=err,
+                         peers=summary))
         del peers
     return rows
 
@@ -170,7 +179,11 @@ def features_section(settings: dict, memory: bool, results: dict) -> list[dict]:
     compute different functions there; the agreement is then recorded, not required.
     """
     rows = []
-    variant = settings["models"][0]
+    v1 = [m for m in settings["models"] if m in cases.VARIANTS]
+    if not v1:
+        results["notes"].append("features: no Swin V1 model among the models; section skipped")
+        return rows
+    variant = v1[0]
     for res in settings["resolutions"]:
         _log(f"features {variant} {res}x{res}")
         peers, _ = cases.build_peers(variant, ["timm"], img_size=res)

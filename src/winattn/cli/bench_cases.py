@@ -32,8 +32,21 @@ VARIANTS = {
     "swin_small_patch4_window7_224": ("swin_s", dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24])),
     "swin_base_patch4_window7_224": ("swin_b", dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32])),
 }
+#: Swin V2 (window 8, 256x256): timm's name -> torchvision's constructor. Hugging Face's Swinv2
+#: adds its shift mask twice (docs/swin_v2.md): another function, so it is not timed.
+VARIANTS_V2 = {
+    "swinv2_tiny_window8_256": "swin_v2_t",
+    "swinv2_small_window8_256": "swin_v2_s",
+    "swinv2_base_window8_256": "swin_v2_b",
+}
 SHORT = {"swin_tiny_patch4_window7_224": "Swin-T", "swin_small_patch4_window7_224": "Swin-S",
-         "swin_base_patch4_window7_224": "Swin-B"}
+         "swin_base_patch4_window7_224": "Swin-B", "swinv2_tiny_window8_256": "SwinV2-T",
+         "swinv2_small_window8_256": "SwinV2-S", "swinv2_base_window8_256": "SwinV2-B"}
+
+
+def image_size(variant: str) -> int:
+    """The input side a variant is benchmarked at: the size its name ends in (224, 256)."""
+    return int(variant.rsplit("_", 1)[1])
 
 
 # --------------------------------------------------------------------------- timing helpers
@@ -175,15 +188,31 @@ class Peer:
     features: Callable[[torch.Tensor], torch.Tensor]
 
 
-def build_peers(variant: str, peers: list[str], img_size: int = 224, drop_path: float = 0.0) -> tuple[dict[str, Peer], dict]:
+def randomise_norms_(model: torch.nn.Module, seed: int = 0) -> None:
+    """LayerNorm gains around 1 and biases around 0. For Swin V2, whose post-norms timm and
+    torchvision initialise to zero: that makes every block the identity and would hide a
+    wrong attention from the parity check."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and param.dim() == 1:
+                noise = 0.1 * torch.randn(param.shape, generator=gen)
+                param.copy_(noise + 1.0 if name.endswith("weight") else noise)
+
+
+def build_peers(variant: str, peers: list[str], img_size: int | None = None, drop_path: float = 0.0) -> tuple[dict[str, Peer], dict]:
     """winattn plus the requested peers, winattn loaded with timm's random-init weights.
 
     torchvision and transformers models get their own random weights; their parity is checked
     against a winattn model converted from their state dict with ``winattn.load_checkpoint``
     (weights do not change the speed). Returns the peers and notes on any peer left out.
+    ``img_size`` is timm's (its V1 masks are built for one size): the variant's by default.
     """
     import timm
 
+    img_size = img_size or image_size(variant)
+    if variant in VARIANTS_V2:
+        return _build_v2_peers(variant, peers, img_size, drop_path)
     notes: dict[str, str] = {}
     timm_model = timm.create_model(variant, img_size=img_size, drop_path_rate=drop_path)
     ours = winattn.create_model(variant, drop_path_rate=drop_path)
@@ -218,6 +247,39 @@ def build_peers(variant: str, peers: list[str], img_size: int = 224, drop_path: 
             )
         except ImportError as err:
             notes["transformers"] = f"not installed ({err})"
+    for peer in built.values():
+        peer.model.eval()
+    return built, notes
+
+
+def _build_v2_peers(
+    variant: str, peers: list[str], img_size: int, drop_path: float
+) -> tuple[dict[str, Peer], dict]:
+    """Swin V2: timm's model with non-trivial post-norms (:func:`randomise_norms_`) and winattn
+    on its weights; torchvision on its own random weights, randomised the same way."""
+    import timm
+
+    notes: dict[str, str] = {}
+    timm_model = timm.create_model(variant, img_size=img_size, drop_path_rate=drop_path)
+    randomise_norms_(timm_model)
+    ours = winattn.create_model(variant, drop_path_rate=drop_path)
+    ours.load_state_dict(timm_model.state_dict())
+    built = {
+        "winattn": Peer("winattn", ours, ours, ours.forward_features),
+        "timm": Peer("timm", timm_model, timm_model, timm_model.forward_features),
+    }
+    if "torchvision" in peers:
+        try:
+            import torchvision
+
+            tv = getattr(torchvision.models, VARIANTS_V2[variant])(weights=None)
+            randomise_norms_(tv)
+            built["torchvision"] = Peer("torchvision", tv, tv, lambda x, m=tv: m.norm(m.features(x)))
+        except ImportError as err:
+            notes["torchvision"] = f"not installed ({err})"
+    if "transformers" in peers:
+        notes["transformers"] = ("left out: Hugging Face's Swinv2 adds its shift mask twice, "
+                                 "another function (docs/swin_v2.md)")
     for peer in built.values():
         peer.model.eval()
     return built, notes
@@ -332,12 +394,12 @@ def saved_activation_bytes(peer: Peer, x: torch.Tensor, dtype: str) -> int:
 def run_worker(spec: dict) -> dict:
     """In a fresh process: build one peer, run the configuration, report RSS (MiB)."""
     torch.manual_seed(0)
-    peers, _ = build_peers(spec["variant"], [spec["peer"]], img_size=spec.get("img_size", 224))
+    peers, _ = build_peers(spec["variant"], [spec["peer"]], img_size=spec.get("img_size"))
     peer = peers[spec["peer"]]
     for name in list(peers):
         if name != spec["peer"]:
             del peers[name]
-    res = spec.get("resolution", 224)
+    res = spec.get("resolution", image_size(spec["variant"]))
     x = torch.randn(spec["batch"], 3, res, res)
     if spec["mode"] == "train":
         step = train_step_fn(peer, x, torch.randint(0, 1000, (spec["batch"],)), spec["dtype"])

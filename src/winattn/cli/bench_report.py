@@ -45,7 +45,7 @@ def write_markdown(results: dict, path: Path) -> str:
     for note in results.get("notes", []):
         lines.append(f"- note: {note}")
     if results.get("inference"):
-        lines += ["## Inference (224x224, logits)", "",
+        lines += [f"## Inference ({_sizes(results['inference'])}, logits)", "",
                   "| model | batch | dtype | library | median ms | ratio | GFLOP/s | of peak | parity |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for row in results["inference"]:
@@ -58,7 +58,8 @@ def write_markdown(results: dict, path: Path) -> str:
                     f"{100 * s['utilisation']:.0f}% | {check} |")
         lines.append("")
     if results.get("training"):
-        lines += ["## Training step (forward, backward, AdamW; batch 8, 224x224)", "",
+        lines += [f"## Training step (forward, backward, AdamW; batch 8, "
+                  f"{_sizes(results['training'])})", "",
                   "Activation memory: bytes autograd saves for backward in one forward (parameters "
                   "excluded). Peak RSS: a fresh process building the model and running two steps "
                   "(`MALLOC_MMAP_THRESHOLD_=65536`); 'over baseline' subtracts its RSS after "
@@ -139,3 +140,9 @@ def write_plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _sizes(rows: list[dict]) -> str:
+    """The input sizes of ``rows``: "224x224", or "224x224 / 256x256" with V2 models."""
+    sizes = sorted({row.get("size", 224) for row in rows})
+    return " / ".join(f"{size}x{size}" for size in sizes)
