@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+import winattn
 from winattn.cli import bench_cases as cases
 
 
@@ -67,7 +68,7 @@ def training_rows(name: str, built: dict[str, cases.Peer], resolution: int, dtyp
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["swinv2_tiny_window8_256"],
-                        choices=list(cases.VARIANTS_V2))
+                        choices=[n for n in winattn.list_models() if cases.is_v2(n)])
     parser.add_argument("--peers", nargs="+", default=["timm", "torchvision"],
                         choices=["timm", "torchvision"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import winattn
+
 from . import bench_cases as cases
 from .bench_report import write_markdown, write_plot
 
@@ -53,7 +55,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                         help="default: Swin-T, a few minutes; full: Swin-T/S/B and more sizes")
-    parser.add_argument("--models", nargs="+", choices=[*cases.VARIANTS, *cases.VARIANTS_V2],
+    v2 = [name for name in winattn.list_models() if cases.is_v2(name)]
+    parser.add_argument("--models", nargs="+", choices=[*cases.VARIANTS, *v2],
                         help="models instead of the preset's (inference; training times the "
                         "first; features and operator the first Swin V1 one)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))

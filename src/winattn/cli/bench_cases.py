@@ -32,8 +32,9 @@ VARIANTS = {
     "swin_small_patch4_window7_224": ("swin_s", dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24])),
     "swin_base_patch4_window7_224": ("swin_b", dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32])),
 }
-#: Swin V2 (window 8, 256x256): timm's name -> torchvision's constructor. Hugging Face's Swinv2
-#: adds its shift mask twice (docs/swin_v2.md): another function, so it is not timed.
+#: Swin V2 that torchvision also has (window 8, 256x256): timm's name -> torchvision's
+#: constructor. Every other registered V2 model is timed against timm alone. Hugging Face's
+#: Swinv2 adds its shift mask twice (docs/swin_v2.md): another function, so it is not timed.
 VARIANTS_V2 = {
     "swinv2_tiny_window8_256": "swin_v2_t",
     "swinv2_small_window8_256": "swin_v2_s",
@@ -45,8 +46,13 @@ SHORT = {"swin_tiny_patch4_window7_224": "Swin-T", "swin_small_patch4_window7_22
 
 
 def image_size(variant: str) -> int:
-    """The input side a variant is benchmarked at: the size its name ends in (224, 256)."""
-    return int(variant.rsplit("_", 1)[1])
+    """The input side a variant is benchmarked at: the size its name ends in (224, 256; 256 for
+    a fine-tuned ``..._192to256``)."""
+    return int(variant.rsplit("_", 1)[1].rsplit("to", 1)[-1])
+
+
+def is_v2(variant: str) -> bool:
+    return variant.startswith("swinv2_")
 
 
 # --------------------------------------------------------------------------- timing helpers
@@ -211,7 +217,7 @@ def build_peers(variant: str, peers: list[str], img_size: int | None = None, dro
     import timm
 
     img_size = img_size or image_size(variant)
-    if variant in VARIANTS_V2:
+    if is_v2(variant):
         return _build_v2_peers(variant, peers, img_size, drop_path)
     notes: dict[str, str] = {}
     timm_model = timm.create_model(variant, img_size=img_size, drop_path_rate=drop_path)
@@ -268,7 +274,9 @@ def _build_v2_peers(
         "winattn": Peer("winattn", ours, ours, ours.forward_features),
         "timm": Peer("timm", timm_model, timm_model, timm_model.forward_features),
     }
-    if "torchvision" in peers:
+    if "torchvision" in peers and variant not in VARIANTS_V2:
+        notes["torchvision"] = "left out: torchvision has no such model"
+    elif "torchvision" in peers:
         try:
             import torchvision
 
