@@ -42,6 +42,23 @@ def _assert_within_tolerance_rule(exact, reference, fast, floor):
         assert err <= factor * ref_err + floor, (i, err, ref_err)
 
 
+def _saved_bytes(fn, params):
+    """``fn()`` and the bytes of the distinct storages autograd saves for its backward,
+    ``params``' excluded."""
+    weights = {p.untyped_storage().data_ptr() for p in params}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
 def _autocast_grads(fn, x, params, grad, cast):
     """``fn(x)`` and its gradients for ``x`` and ``params``, under bf16 autocast or not."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
@@ -399,23 +416,17 @@ def test_norm_mlp_recomputing_its_hidden_layer_keeps_less_and_matches(monkeypatc
     torch.manual_seed(0)
     norm, fc1, fc2 = torch.nn.LayerNorm(32), torch.nn.Linear(32, 128), torch.nn.Linear(128, 32)
     params = [*norm.parameters(), *fc1.parameters(), *fc2.parameters()]
-    weights = {p.untyped_storage().data_ptr() for p in params}
     x = torch.randn(4, 49, 32, requires_grad=True)
     grad = torch.randn(4, 49, 32)
     results, kept = {}, {}
     for recompute in (False, True):
-        storages: dict[int, int] = {}
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            if t.untyped_storage().data_ptr() not in weights:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        def run(r=recompute):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                out = fused.norm_mlp(x, norm, fc1, fc2, recompute_hidden=recompute)
+                return fused.norm_mlp(x, norm, fc1, fc2, recompute_hidden=r)
+
+        out, kept[recompute] = _saved_bytes(run, params)
         assert type(out.grad_fn).__name__ == "_NormMlpFunctionBackward"
-        kept[recompute] = sum(storages.values())
         results[recompute] = [out, *torch.autograd.grad(out, [x, *params], grad)]
     hidden_bytes = 4 * 49 * 128 * (2 if autocast else 4)
     assert kept[False] - kept[True] == hidden_bytes
@@ -438,27 +449,14 @@ def test_mlp_without_norm_matches_modules_and_keeps_less(monkeypatch, recompute,
     torch.manual_seed(0)
     fc1, fc2 = torch.nn.Linear(12, 48, bias=bias), torch.nn.Linear(48, 12, bias=bias)
     params = [*fc1.parameters(), *fc2.parameters()]
-    weights = {p.untyped_storage().data_ptr() for p in params}
     x = torch.randn(3, 7, 12, requires_grad=True)
     grad = torch.randn(3, 7, 12)
-    kept = {}
-    for name, fn in (("fused", lambda t: fused.mlp(t, fc1, fc2, recompute_hidden=recompute)),
-                     ("modules", lambda t: fc2(torch.nn.functional.gelu(fc1(t))))):
-        storages: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            if t.untyped_storage().data_ptr() not in weights:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = fn(x)
-        kept[name] = sum(storages.values())
-        if name == "fused":
-            got = out
+    got, kept_fused = _saved_bytes(lambda: fused.mlp(x, fc1, fc2, recompute_hidden=recompute),
+                                   params)
+    _, kept_modules = _saved_bytes(lambda: fc2(torch.nn.functional.gelu(fc1(x))), params)
     assert type(got.grad_fn).__name__ == "_NormMlpFunctionBackward"
     hidden_bytes = 3 * 7 * 48 * 4
-    assert kept["modules"] - kept["fused"] == hidden_bytes * (2 if recompute else 1)
+    assert kept_modules - kept_fused == hidden_bytes * (2 if recompute else 1)
     got_grads = torch.autograd.grad(got, [x, *params], grad)
     with torch.no_grad():
         no_grad = fused.mlp(x, fc1, fc2)  # the fused oneDNN inference calls
