@@ -325,3 +325,74 @@ def test_inference_mode_caches_the_bias_without_breaking_later_training():
     model.train()
     model(x).sum().backward()
     assert attn.cpb_mlp[2].weight.grad is not None
+
+
+# ---------------------------------------------------------------- q/k normalisation with grad
+def _composite_scaled_units(qk: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """What autograd differentiated before the Function: the same formula as composite ops."""
+    heads = qk.shape[-2]
+    work = torch.promote_types(qk.dtype, torch.float32)
+    norms = torch.linalg.vector_norm(qk, dim=-1, keepdim=True, dtype=work)
+    scale = torch.stack([logit_scale.view(heads), torch.ones_like(logit_scale.view(heads))])
+    factor = scale.to(work).view(2, heads, 1) / norms.clamp_min(1e-12)
+    return (qk.to(work) * factor).to(qk.dtype)
+
+
+def test_scaled_units_function_gradients():
+    """gradcheck in float64 (vectors away from zero, where the norm is differentiable), and
+    the composite ops' gradients with an all-zero vector (a padded key: the clamped side)."""
+    from winattn.layers.attention_v2 import _scaled_units
+
+    torch.manual_seed(0)
+    qk = torch.randn(3, 5, 2, 4, 8, dtype=torch.float64, requires_grad=True)
+    scale = (torch.rand(4, 1, 1, dtype=torch.float64) * 3 + 1).requires_grad_()
+    assert torch.autograd.gradcheck(_scaled_units, (qk, scale))
+    assert type(_scaled_units(qk, scale).grad_fn).__name__ == "_ScaledUnitsFunctionBackward"
+    padded = qk.detach().clone()
+    padded[0, 1, 1] = 0.0  # k of one token, every head
+    padded.requires_grad_()
+    grad = torch.randn(qk.shape, dtype=torch.float64)
+    got = torch.autograd.grad(_scaled_units(padded, scale), (padded, scale), grad)
+    want = torch.autograd.grad(_composite_scaled_units(padded, scale), (padded, scale), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_scaled_units_function_keeps_no_float32_copy_under_bf16():
+    """bf16 q and k: the composite ops kept a float32 copy of them for the product's backward;
+    the Function keeps the bf16 input (a view of the qkv projection) and the norms only, and
+    its gradients equal the composite ops' up to float32 rounding."""
+    from winattn.layers.attention_v2 import _scaled_units
+
+    torch.manual_seed(0)
+    qkv = torch.randn(16, 49, 3, 4, 32, dtype=torch.bfloat16, requires_grad=True)
+    scale = (torch.rand(4, 1, 1) * 3 + 1).requires_grad_()
+    grad = torch.randn(16, 49, 2, 4, 32).bfloat16()
+    saved, results = {}, {}
+    for name, fn in (("function", _scaled_units), ("composite", _composite_scaled_units)):
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() != scale.untyped_storage().data_ptr():
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn(qkv[:, :, :2], scale)
+        saved[name] = sum(storages.values())
+        results[name] = [out, *torch.autograd.grad(out, (qkv, scale), grad)]
+    qkv_bytes = qkv.numel() * 2
+    norms_bytes = 16 * 49 * 2 * 4 * 4
+    assert saved["function"] == qkv_bytes + norms_bytes
+    assert saved["composite"] >= saved["function"] + 16 * 49 * 2 * 128 * 4  # the fp32 copy
+    torch.testing.assert_close(results["function"][0], results["composite"][0], rtol=0, atol=0)
+    # Gradients against float64 on the same inputs: the Function rounds qk's gradient to bf16
+    # once, the composite ops twice (the product's part and the norm's, added in bf16).
+    qkv64 = qkv.detach().double().requires_grad_()
+    scale64 = scale.detach().double().requires_grad_()
+    exact = torch.autograd.grad(_composite_scaled_units(qkv64[:, :, :2], scale64),
+                                (qkv64, scale64), grad.double())
+    for i, want in enumerate(exact):
+        ours = (results["function"][1 + i].double() - want).abs().max().item()
+        theirs = (results["composite"][1 + i].double() - want).abs().max().item()
+        assert ours <= 2 * theirs + 1e-6, (i, ours, theirs)

@@ -131,14 +131,59 @@ def _scaled_units(qk: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     backward (the logit scale's gradient sums it over every token) does too; float16 always
     multiplies in float32, where the factor of an all-zero padded key (1e12) exists.
     """
+    if torch.is_grad_enabled() and (qk.requires_grad or logit_scale.requires_grad):
+        return _ScaledUnitsFunction.apply(qk, logit_scale)
+    factor, _ = _unit_factors(qk, logit_scale)
+    if qk.dtype == torch.float16:
+        return (qk.to(factor.dtype) * factor).to(qk.dtype)
+    return qk * factor.to(qk.dtype)
+
+
+def _unit_factors(qk: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scale / max(|x|, 1e-12)`` per vector of ``qk`` ``(..., 2, heads, d)``, and the norms
+    ``|x|``, both ``(..., 2, heads, 1)`` in float32 or wider."""
     heads = qk.shape[-2]
     work = torch.promote_types(qk.dtype, torch.float32)
     norms = torch.linalg.vector_norm(qk, dim=-1, keepdim=True, dtype=work)
     scale = torch.stack([logit_scale.view(heads), torch.ones_like(logit_scale.view(heads))])
-    factor = scale.to(work).view(2, heads, 1) / norms.clamp_min(1e-12)  # (..., 2, heads, 1)
-    if qk.dtype == torch.float16 or (qk.dtype != work and torch.is_grad_enabled()):
-        return (qk.to(work) * factor).to(qk.dtype)
-    return qk * factor.to(qk.dtype)
+    return scale.to(work).view(2, heads, 1) / norms.clamp_min(1e-12), norms
+
+
+class _ScaledUnitsFunction(torch.autograd.Function):
+    """:func:`_scaled_units` with gradients, keeping only ``qk`` (a view of the qkv
+    projection's output, which attention keeps anyway) and the per-vector norms. Autograd kept
+    a float32 copy of ``qk`` for the product's backward when ``qk`` is bf16 (under autocast:
+    8 bytes per q and k element, beside the bf16 projection itself). The product runs in
+    float32 (so does its backward: the logit scale's gradient sums over every token).
+
+    For ``y = s x / n``, ``n = max(|x|, 1e-12)``: ``dx = (s / n) (g - x (x.g) / |x|^2)`` where
+    ``|x| > 1e-12`` (the clamped side has a constant ``n``: ``dx = s g / n``), and ``ds`` (q's
+    heads only) sums ``x.g / n`` over every vector of the head.
+    """
+
+    @staticmethod
+    def forward(ctx, qk, logit_scale):  # type: ignore[override]
+        factor, norms = _unit_factors(qk, logit_scale)
+        ctx.save_for_backward(qk, norms, logit_scale)
+        return (qk.to(factor.dtype) * factor).to(qk.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        qk, norms, logit_scale = ctx.saved_tensors
+        factor, _ = _unit_factors(qk, logit_scale)
+        work = factor.dtype
+        x, grad = qk.to(work), grad_out.to(work)
+        dots = (x * grad).sum(-1, keepdim=True)  # x.g, (..., 2, heads, 1)
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            per_head = (dots / norms.clamp_min(1e-12))[..., 0, :, :]  # q's: (..., heads, 1)
+            grad_scale = per_head.reshape(-1, per_head.shape[-2]).sum(0)
+            grad_scale = grad_scale.view(logit_scale.shape).to(logit_scale.dtype)
+        grad_qk = None
+        if ctx.needs_input_grad[0]:
+            radial = torch.where(norms > 1e-12, dots / norms.square().clamp_min(1e-24), 0.0)
+            grad_qk = (factor * (grad - x * radial)).to(qk.dtype)
+        return grad_qk, grad_scale
 
 
 class WindowAttentionV2(nn.Module):
