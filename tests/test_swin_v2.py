@@ -338,38 +338,50 @@ def _composite_scaled_units(qk: torch.Tensor, logit_scale: torch.Tensor) -> torc
     return (qk.to(work) * factor).to(qk.dtype)
 
 
-def test_scaled_units_function_gradients():
+def _composite_scaled_qkv(qkv: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    return torch.cat([_composite_scaled_units(qkv[:, :, :2], logit_scale), qkv[:, :, 2:]], 2)
+
+
+def test_scaled_qkv_function_gradients():
     """gradcheck in float64 (vectors away from zero, where the norm is differentiable), and
     the composite ops' gradients with an all-zero vector (a padded key: the clamped side)."""
-    from winattn.layers.attention_v2 import _scaled_units
+    from winattn.layers.attention_v2 import _ScaledQkvFunction
 
     torch.manual_seed(0)
-    qk = torch.randn(3, 5, 2, 4, 8, dtype=torch.float64, requires_grad=True)
+    qkv = torch.randn(3, 5, 3, 4, 8, dtype=torch.float64, requires_grad=True)
     scale = (torch.rand(4, 1, 1, dtype=torch.float64) * 3 + 1).requires_grad_()
-    assert torch.autograd.gradcheck(_scaled_units, (qk, scale))
-    assert type(_scaled_units(qk, scale).grad_fn).__name__ == "_ScaledUnitsFunctionBackward"
-    padded = qk.detach().clone()
+    assert torch.autograd.gradcheck(_ScaledQkvFunction.apply, (qkv, scale))
+    padded = qkv.detach().clone()
     padded[0, 1, 1] = 0.0  # k of one token, every head
     padded.requires_grad_()
-    grad = torch.randn(qk.shape, dtype=torch.float64)
-    got = torch.autograd.grad(_scaled_units(padded, scale), (padded, scale), grad)
-    want = torch.autograd.grad(_composite_scaled_units(padded, scale), (padded, scale), grad)
+    grad = torch.randn(qkv.shape, dtype=torch.float64)
+    for fn in (_ScaledQkvFunction.apply, _composite_scaled_qkv):
+        out = fn(padded, scale)
+        torch.testing.assert_close(out, _composite_scaled_qkv(padded, scale), rtol=0, atol=0)
+    got = torch.autograd.grad(_ScaledQkvFunction.apply(padded, scale), (padded, scale), grad)
+    want = torch.autograd.grad(_composite_scaled_qkv(padded, scale), (padded, scale), grad)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_scaled_units_function_keeps_no_float32_copy_under_bf16():
-    """bf16 q and k: the composite ops kept a float32 copy of them for the product's backward;
-    the Function keeps the bf16 input (a view of the qkv projection) and the norms only, and
-    its gradients equal the composite ops' up to float32 rounding."""
-    from winattn.layers.attention_v2 import _scaled_units
+def test_scaled_qkv_function_keeps_its_output_only_and_bf16_errors_within_the_rule():
+    """Under bf16 the composite ops kept the qkv projection, a float32 copy of q and k and
+    the scaled q and k; the Function keeps its output (which attention keeps anyway) and the
+    norms. Its gradients are formed from the bf16 output instead of the input: against
+    float64 on the same inputs, STYLE's rule (at most 3x the composite ops' error + a floor).
+    The floor, 1e-2, is about bf16's precision: the composite ops formed the logit scale's
+    gradient from float32 copies (3e-7 here), the Function from the bf16 output (5e-3), a sum
+    over every vector that partly cancels. In a whole bf16 training step both are buried in
+    the attention backward's own bf16 error (the test above: the scales' relative errors
+    0.005-0.05 either way); a wrong formula is off by order 1, and gradcheck holds it exact."""
+    from winattn.layers.attention_v2 import _ScaledQkvFunction
 
     torch.manual_seed(0)
     qkv = torch.randn(16, 49, 3, 4, 32, dtype=torch.bfloat16, requires_grad=True)
     scale = (torch.rand(4, 1, 1) * 3 + 1).requires_grad_()
-    grad = torch.randn(16, 49, 2, 4, 32).bfloat16()
+    grad = torch.randn(16, 49, 3, 4, 32).bfloat16()
     saved, results = {}, {}
-    for name, fn in (("function", _scaled_units), ("composite", _composite_scaled_units)):
+    for name, fn in (("function", _ScaledQkvFunction.apply), ("composite", _composite_scaled_qkv)):
         storages: dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -378,21 +390,19 @@ def test_scaled_units_function_keeps_no_float32_copy_under_bf16():
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = fn(qkv[:, :, :2], scale)
+            out = fn(qkv, scale)
         saved[name] = sum(storages.values())
         results[name] = [out, *torch.autograd.grad(out, (qkv, scale), grad)]
     qkv_bytes = qkv.numel() * 2
     norms_bytes = 16 * 49 * 2 * 4 * 4
-    assert saved["function"] == qkv_bytes + norms_bytes
-    assert saved["composite"] >= saved["function"] + 16 * 49 * 2 * 128 * 4  # the fp32 copy
+    assert saved["function"] == qkv_bytes + norms_bytes  # its output's, and the norms
+    assert saved["composite"] >= qkv_bytes + 16 * 49 * 2 * 128 * 4  # input, fp32 copy, ...
     torch.testing.assert_close(results["function"][0], results["composite"][0], rtol=0, atol=0)
-    # Gradients against float64 on the same inputs: the Function rounds qk's gradient to bf16
-    # once, the composite ops twice (the product's part and the norm's, added in bf16).
     qkv64 = qkv.detach().double().requires_grad_()
     scale64 = scale.detach().double().requires_grad_()
-    exact = torch.autograd.grad(_composite_scaled_units(qkv64[:, :, :2], scale64),
-                                (qkv64, scale64), grad.double())
+    exact = torch.autograd.grad(_composite_scaled_qkv(qkv64, scale64), (qkv64, scale64),
+                                grad.double())
     for i, want in enumerate(exact):
-        ours = (results["function"][1 + i].double() - want).abs().max().item()
-        theirs = (results["composite"][1 + i].double() - want).abs().max().item()
-        assert ours <= 2 * theirs + 1e-6, (i, ours, theirs)
+        ours = ((results["function"][1 + i].double() - want).norm() / want.norm()).item()
+        theirs = ((results["composite"][1 + i].double() - want).norm() / want.norm()).item()
+        assert ours <= 3 * theirs + 1e-2, (i, ours, theirs)

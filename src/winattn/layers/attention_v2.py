@@ -131,10 +131,8 @@ def _scaled_units(qk: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     backward (the logit scale's gradient sums it over every token) does too; float16 always
     multiplies in float32, where the factor of an all-zero padded key (1e12) exists.
     """
-    if torch.is_grad_enabled() and (qk.requires_grad or logit_scale.requires_grad):
-        return _ScaledUnitsFunction.apply(qk, logit_scale)
     factor, _ = _unit_factors(qk, logit_scale)
-    if qk.dtype == torch.float16:
+    if qk.dtype == torch.float16 or (qk.dtype != factor.dtype and torch.is_grad_enabled()):
         return (qk.to(factor.dtype) * factor).to(qk.dtype)
     return qk * factor.to(qk.dtype)
 
@@ -145,45 +143,57 @@ def _unit_factors(qk: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Te
     heads = qk.shape[-2]
     work = torch.promote_types(qk.dtype, torch.float32)
     norms = torch.linalg.vector_norm(qk, dim=-1, keepdim=True, dtype=work)
-    scale = torch.stack([logit_scale.view(heads), torch.ones_like(logit_scale.view(heads))])
-    return scale.to(work).view(2, heads, 1) / norms.clamp_min(1e-12), norms
+    return _slot_scales(logit_scale, heads, work) / norms.clamp_min(1e-12), norms
 
 
-class _ScaledUnitsFunction(torch.autograd.Function):
-    """:func:`_scaled_units` with gradients, keeping only ``qk`` (a view of the qkv
-    projection's output, which attention keeps anyway) and the per-vector norms. Autograd kept
-    a float32 copy of ``qk`` for the product's backward when ``qk`` is bf16 (under autocast:
-    8 bytes per q and k element, beside the bf16 projection itself). The product runs in
-    float32 (so does its backward: the logit scale's gradient sums over every token).
+def _slot_scales(logit_scale: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(2, heads, 1)``: q's logit scale per head, then ones for k."""
+    scale = logit_scale.view(heads)
+    return torch.stack([scale, torch.ones_like(scale)]).to(dtype).view(2, heads, 1)
 
-    For ``y = s x / n``, ``n = max(|x|, 1e-12)``: ``dx = (s / n) (g - x (x.g) / |x|^2)`` where
-    ``|x| > 1e-12`` (the clamped side has a constant ``n``: ``dx = s g / n``), and ``ds`` (q's
-    heads only) sums ``x.g / n`` over every vector of the head.
+
+class _ScaledQkvFunction(torch.autograd.Function):
+    """``qkv`` ``(rows, N, 3, heads, d)`` -> a new tensor of its layout holding
+    :func:`_scaled_units` of q and k (the product in float32) and a copy of v: the input of
+    :func:`~winattn.layers.fused.attend_project` in training.
+
+    It keeps its output (which attention keeps anyway) and the norms, not its input: for
+    ``y = s x / n``, ``n = max(|x|, 1e-12)``, the gradient is ``dx = (s g - y (y.g) / s) / n``
+    where ``|x| > 1e-12`` (the clamped side has a constant ``n``: ``dx = s g / n``) and q's
+    scale gets ``sum(y.g) / s`` over every vector of the head. So the qkv projection's output
+    is not kept at all (autograd kept it, its q and k as float32 copies under bf16, and the
+    normalised q and k beside it).
     """
 
     @staticmethod
-    def forward(ctx, qk, logit_scale):  # type: ignore[override]
-        factor, norms = _unit_factors(qk, logit_scale)
-        ctx.save_for_backward(qk, norms, logit_scale)
-        return (qk.to(factor.dtype) * factor).to(qk.dtype)
+    def forward(ctx, qkv, logit_scale):  # type: ignore[override]
+        out = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+        factor, norms = _unit_factors(qkv[:, :, :2], logit_scale)
+        torch.mul(qkv[:, :, :2].to(factor.dtype), factor, out=out[:, :, :2])
+        out[:, :, 2] = qkv[:, :, 2]
+        ctx.save_for_backward(out, norms, logit_scale)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        qk, norms, logit_scale = ctx.saved_tensors
-        factor, _ = _unit_factors(qk, logit_scale)
-        work = factor.dtype
-        x, grad = qk.to(work), grad_out.to(work)
-        dots = (x * grad).sum(-1, keepdim=True)  # x.g, (..., 2, heads, 1)
+        out, norms, logit_scale = ctx.saved_tensors
+        work = norms.dtype
+        scales = _slot_scales(logit_scale, out.shape[-2], work)  # (2, heads, 1)
+        y, grad = out[:, :, :2].to(work), grad_out[:, :, :2].to(work)
+        dots = (y * grad).sum(-1, keepdim=True)  # y.g, (rows, N, 2, heads, 1)
         grad_scale = None
         if ctx.needs_input_grad[1]:
-            per_head = (dots / norms.clamp_min(1e-12))[..., 0, :, :]  # q's: (..., heads, 1)
+            per_head = dots[:, :, 0] / scales[0]  # q's: (rows, N, heads, 1)
             grad_scale = per_head.reshape(-1, per_head.shape[-2]).sum(0)
             grad_scale = grad_scale.view(logit_scale.shape).to(logit_scale.dtype)
-        grad_qk = None
+        grad_qkv = None
         if ctx.needs_input_grad[0]:
-            radial = torch.where(norms > 1e-12, dots / norms.square().clamp_min(1e-24), 0.0)
-            grad_qk = (factor * (grad - x * radial)).to(qk.dtype)
-        return grad_qk, grad_scale
+            grad_qkv = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+            radial = torch.where(norms > 1e-12, dots / scales, 0.0)
+            inverse = 1.0 / norms.clamp_min(1e-12)
+            torch.mul(scales * grad - y * radial, inverse, out=grad_qkv[:, :, :2])
+            grad_qkv[:, :, 2] = grad_out[:, :, 2]
+        return grad_qkv, grad_scale
 
 
 class WindowAttentionV2(nn.Module):
@@ -324,18 +334,24 @@ class WindowAttentionV2(nn.Module):
         qkv = fused.linear(x, self.qkv, bias=bias)  # (B, L, 3C)
         qkv = qkv.view(rows, tokens, 3, self.num_heads, self.head_dim)
         logit_scale = torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()  # (heads, 1, 1)
+        if torch.is_grad_enabled() and (qkv.requires_grad or logit_scale.requires_grad):
+            # Training: the scaled q, k and a copy of v in one tensor, attention and the output
+            # projection as one Function; neither keeps the projections' outputs.
+            scaled = _ScaledQkvFunction.apply(qkv, logit_scale)  # (rows, N, 3, heads, d)
+            if any(p.requires_grad for p in self.cpb_mlp.parameters()):
+                work = torch.promote_types(qkv.dtype, torch.float32)
+                position_bias = self.position_bias(plan.window_size)  # (heads, N, N), grad
+                mask = combine_mask(plan.mask_as(work), position_bias, work)
+            else:
+                mask = self._cached_mask(plan, rows, qkv.dtype)
+            out = fused.attend_project(scaled, mask, 1.0, self.proj)  # (rows, N, C)
+            return self.proj_drop(out.view(batch, length, channels))
         qk = _scaled_units(qkv[:, :, :2], logit_scale)  # (rows, N, 2, heads, d)
         q, k = qk.transpose(1, 3).unbind(2)  # each (rows, heads, N, d), strided views
         v = qkv[:, :, 2].transpose(1, 2)  # (rows, heads, N, d), a strided view
-        cpb = self.cpb_mlp.parameters()
-        if torch.is_grad_enabled() and any(p.requires_grad for p in cpb):
-            work = torch.promote_types(q.dtype, torch.float32)
-            position_bias = self.position_bias(plan.window_size)  # (heads, N, N), with grad
-            mask = combine_mask(plan.mask_as(work), position_bias, work)  # (nW or 1, heads, N, N)
-            out = attend_qkv(q, k, v, mask, 1.0)
         # The bias and mask in float32 for the matmul attention's float32 softmax, else in
         # SDPA's dtype: (rows or 1, heads, N, N).
-        elif prefers_matmuls(q):
+        if prefers_matmuls(q):
             out = explicit_attention(q, k, v, self._cached_mask(plan, rows, torch.float32), 1.0)
         else:
             out = attend_qkv(q, k, v, self._cached_mask(plan, rows, q.dtype), 1.0)
