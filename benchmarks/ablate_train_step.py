@@ -4,13 +4,13 @@ with PyTorch's fused AdamW (what ``winattn train`` builds), and timm for scale; 
 the variants taking turns step by step.
 
 winattn's variants share one model and one AdamW, timm has its own (lr 1e-5, so the weights
-barely move; both the AdamW that ``torch.optim.AdamW`` picks by default, on the CPU a loop
-over the parameters, as ``winattn bench`` gives both libraries); the fused variant steps
-winattn's model with a second, fused AdamW. Both models carry the same timm weights; drop
-path is off in both. Prints the median milliseconds of each part and each variant's step time over winattn's default (above 1: the
-default is faster), and the activation memory (bytes autograd saves in one forward). These
-are the A/B figures docs/performance.md quotes for the first stage's recomputation and the
-bf16 step split.
+barely move; both the AdamW that ``torch.optim.AdamW`` picks by default, on the CPU a loop over
+the parameters, as ``winattn bench`` gives both libraries); the fused variant steps winattn's
+model with a second, fused AdamW. Both models carry the same timm weights; drop path is off in
+both. Prints the median milliseconds of each part and each variant's step time over winattn's
+default (above 1: the default is faster), and the activation memory (bytes autograd saves in
+one forward). These are the A/B figures docs/performance.md quotes for the first stage's
+recomputation and the bf16 step split.
 
     PYTHONPATH=src python benchmarks/ablate_train_step.py --dtype fp32 bf16 --repeats 11
 """
