@@ -33,9 +33,9 @@ PRESETS = {
         train_repeats=7,
     ),
     "full": dict(
-        models=[*cases.VARIANTS, "swinv2_tiny_window8_256"], batches=[1, 8], dtypes=["fp32", "bf16"],
-        train_dtypes=["fp32", "bf16"], resolutions=[224, 448, 512, 768, 1024], repeats=7,
-        warmup=1, train_repeats=7,
+        models=[*cases.VARIANTS, "swinv2_tiny_window8_256"], batches=[1, 8],
+        dtypes=["fp32", "bf16"], train_dtypes=["fp32", "bf16"],
+        resolutions=[224, 448, 512, 768, 1024], repeats=7, warmup=1, train_repeats=7,
     ),
 }
 SECTIONS = ("inference", "training", "features", "operator")
