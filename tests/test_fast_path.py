@@ -155,9 +155,11 @@ def test_padded_token_mask_marks_exactly_the_padding():
 def test_attend_qkv_per_window_mask_gradient_sums_over_batch():
     gen = torch.Generator().manual_seed(1)
     batch, windows, heads, tokens, head_dim = 3, 4, 2, 9, 8
-    qkv = torch.randn(batch * windows, tokens, 3, heads, head_dim, generator=gen, dtype=torch.float64)
+    qkv = torch.randn(batch * windows, tokens, 3, heads, head_dim, generator=gen,
+                      dtype=torch.float64)
     mask = torch.randn(windows, heads, tokens, tokens, generator=gen, dtype=torch.float64)
-    grad = torch.randn(batch * windows, tokens, heads, head_dim, generator=gen, dtype=torch.float64)
+    grad = torch.randn(batch * windows, tokens, heads, head_dim, generator=gen,
+                       dtype=torch.float64)
 
     def dense(qkv, mask):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, heads, N, d)
@@ -187,7 +189,8 @@ def test_bf16_attention_backward_within_tolerance_rule_and_keeps_no_attention_ma
     qkv = torch.randn(batch * windows, tokens, 3, heads, head_dim, generator=gen,
                       dtype=torch.float64)
     mask = torch.randn(windows, heads, tokens, tokens, generator=gen, dtype=torch.float64)
-    grad = torch.randn(batch * windows, tokens, heads, head_dim, generator=gen, dtype=torch.float64)
+    grad = torch.randn(batch * windows, tokens, heads, head_dim, generator=gen,
+                       dtype=torch.float64)
 
     def dense(qkv, mask):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -848,3 +851,28 @@ def test_cached_masks_are_contiguous_for_sdpa():
         masks = [entry[1] for module in model.modules() if hasattr(module, "_mask_cache")
                  for entry in module._mask_cache._entries.values()]
         assert masks and all(m is None or m.is_contiguous() for m in masks), name
+
+
+def test_linear_add_is_the_residual_plus_the_linear():
+    """``fused.linear_add``: the residual added inside the oneDNN call. float32 within 1e-5 of
+    the modules; bf16 within STYLE's rule of the modules' bf16 error (it rounds once where
+    they round twice); with gradients it is the plain sum, and gradients flow."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 32)
+    x, residual = torch.randn(2, 49, 48), torch.randn(2, 49, 32) * 4
+    with torch.no_grad():
+        torch.testing.assert_close(fused.linear_add(x, layer, residual),
+                                   residual + layer(x), rtol=1e-5, atol=1e-5)
+        exact = residual.double() + torch.nn.functional.linear(
+            x.double(), layer.weight.double(), layer.bias.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = fused.linear_add(x, layer, residual.bfloat16())
+            modules = residual.bfloat16() + layer(x)
+        assert ours.dtype == torch.bfloat16
+        ours_err = (ours.double() - exact).abs().max().item()
+        modules_err = (modules.double() - exact).abs().max().item()
+        assert ours_err <= 2 * modules_err + 1e-3, (ours_err, modules_err)
+    x.requires_grad_()
+    out = fused.linear_add(x, layer, residual)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(2, 49, 48))

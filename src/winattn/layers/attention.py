@@ -104,6 +104,7 @@ class WindowAttention(nn.Module):
         plan: WindowPlan,
         norm: nn.Module | None = None,
         padding: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention on tokens already in ``plan``'s window order.
 
@@ -113,6 +114,8 @@ class WindowAttention(nn.Module):
             norm: applied to ``x`` first (the block's pre-norm), fused with the qkv
                 projection so that training does not keep its output; or None.
             padding: ``(L, 1)``, True on padded slots, zeroed after ``norm``; or None.
+            residual: ``(B, L, C)`` added to the output (inside the projection's oneDNN
+                call in eval; the projection's dropout is then not applied), or None.
 
         Returns:
             ``(B, L, C)`` in the same order.
@@ -132,6 +135,10 @@ class WindowAttention(nn.Module):
             mask = self.window_mask(plan, qkv.dtype)  # rebuilt: the table needs its gradient
         else:
             mask = self._cached_mask(plan, qkv.dtype, batch * windows)
+        if residual is not None:
+            residual = residual.view(batch * windows, tokens, channels)
+            out = fused.attend_project(qkv5, mask, self.scale, self.proj, residual)
+            return out.view(batch, length, channels)
         out = fused.attend_project(qkv5, mask, self.scale, self.proj)  # (B*nW, N, C)
         return self.proj_drop(out.view(batch, length, channels))
 

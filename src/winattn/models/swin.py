@@ -257,6 +257,12 @@ class SwinBlock(nn.Module):
         """
         if self._runs_in_window_groups(x):
             return self._forward_window_groups(x, plan, padding)
+        if not (torch.is_grad_enabled() or self.training):
+            # Eval (drop path and dropout are identities): each residual add inside the
+            # oneDNN call of the projection before it (fused.linear_add).
+            x = self.attn.forward_windows(x, plan, self.norm1, padding, residual=x)
+            mlp = self.mlp
+            return fused.linear_add(fused.linear(self.norm2(x), mlp.fc1, gelu=True), mlp.fc2, x)
         x = x + self.drop_path1(self.attn.forward_windows(x, plan, self.norm1, padding))
         mlp = self.mlp
         if mlp.drop1.p or mlp.drop2.p:
