@@ -243,7 +243,7 @@ def test_attend_project_function_matches_attention_then_linear(mask_rows):
         return [out.detach(), *grads], saved
 
     def fast(qkv, m):
-        out = fused.attend_project(qkv, m, 0.3, proj)
+        out = fused_attention.attend_project(qkv, m, 0.3, proj)
         assert type(out.grad_fn).__name__ == "_AttendProjectFunctionBackward"
         return out
 
@@ -283,13 +283,13 @@ def test_attend_project_under_bf16_autocast_within_tolerance_rule():
     with torch.autocast("cpu", enabled=False):
         exact = [t.double() for t in run(modules, False)]
     plain = run(modules, True)
-    fast = run(lambda qkv, m: fused.attend_project(qkv, m, head_dim**-0.5, proj), True)
+    fast = run(lambda qkv, m: fused_attention.attend_project(qkv, m, head_dim**-0.5, proj), True)
     _assert_within_tolerance_rule(exact, plain, fast, 1e-4)
 
 
 # --------------------------------------------------------------------------- Swin stages
 from winattn import SwinConfig, SwinTransformer  # noqa: E402
-from winattn.layers import fused  # noqa: E402
+from winattn.layers import fused, fused_attention  # noqa: E402
 
 TINY = dict(embed_dim=16, depths=(2, 3), num_heads=(2, 4), window_size=4, patch_size=2,
             drop_path_rate=0.0, num_classes=5)

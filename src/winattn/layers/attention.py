@@ -16,7 +16,7 @@ from ..ops.backends.sdpa import (
     prefers_matmuls,
 )
 from ..ops.traceable import TracedWindows, traceable_window_attention
-from . import fused
+from . import fused, fused_attention
 from .position import relative_position_index
 
 
@@ -137,9 +137,9 @@ class WindowAttention(nn.Module):
             mask = self._cached_mask(plan, qkv.dtype, batch * windows)
         if residual is not None:
             residual = residual.view(batch * windows, tokens, channels)
-            out = fused.attend_project(qkv5, mask, self.scale, self.proj, residual)
+            out = fused_attention.attend_project(qkv5, mask, self.scale, self.proj, residual)
             return out.view(batch, length, channels)
-        out = fused.attend_project(qkv5, mask, self.scale, self.proj)  # (B*nW, N, C)
+        out = fused_attention.attend_project(qkv5, mask, self.scale, self.proj)  # (B*nW, N, C)
         return self.proj_drop(out.view(batch, length, channels))
 
     def forward_window_rows(self, x: torch.Tensor, plan: WindowPlan, first: int) -> torch.Tensor:
@@ -156,7 +156,7 @@ class WindowAttention(nn.Module):
         rows, tokens, channels = x.shape
         qkv = fused.linear(x, self.qkv)  # (rows, N, 3C)
         qkv = qkv.view(rows, tokens, 3, self.num_heads, self.head_dim)
-        q, k, v = fused.unbind_qkv(qkv)  # each (rows, heads, N, d), strided views
+        q, k, v = fused_attention.unbind_qkv(qkv)  # each (rows, heads, N, d), strided views
         windows = plan.num_windows
         mask = self._cached_mask(plan, torch.float32, windows)  # (nW or 1, heads, N, N)
         if mask is not None and mask.shape[0] == windows and rows < windows:

@@ -31,7 +31,7 @@ from ..ops.backends.sdpa import (
 )
 from ..ops.traceable import TracedWindows, traceable_window_attention
 from ..ops.traceable import is_tracing as _is_tracing
-from . import fused
+from . import fused, fused_attention
 from .position import relative_position_index
 
 #: Upper clamp of the learned per-head logit scale (log of the largest temperature, 100).
@@ -155,7 +155,7 @@ def _slot_scales(logit_scale: torch.Tensor, heads: int, dtype: torch.dtype) -> t
 class _ScaledQkvFunction(torch.autograd.Function):
     """``qkv`` ``(rows, N, 3, heads, d)`` -> a new tensor of its layout holding
     :func:`_scaled_units` of q and k (the product in float32) and a copy of v: the input of
-    :func:`~winattn.layers.fused.attend_project` in training.
+    :func:`~winattn.layers.fused_attention.attend_project` in training.
 
     It keeps its output (which attention keeps anyway) and the norms, not its input: for
     ``y = s x / n``, ``n = max(|x|, 1e-12)``, the gradient is ``dx = (s g - y (y.g) / s) / n``
@@ -344,7 +344,7 @@ class WindowAttentionV2(nn.Module):
                 mask = combine_mask(plan.mask_as(work), position_bias, work)
             else:
                 mask = self._cached_mask(plan, rows, qkv.dtype)
-            out = fused.attend_project(scaled, mask, 1.0, self.proj)  # (rows, N, C)
+            out = fused_attention.attend_project(scaled, mask, 1.0, self.proj)  # (rows, N, C)
             return self.proj_drop(out.view(batch, length, channels))
         qk = _scaled_units(qkv[:, :, :2], logit_scale)  # (rows, N, 2, heads, d)
         q, k = qk.transpose(1, 3).unbind(2)  # each (rows, heads, N, d), strided views
