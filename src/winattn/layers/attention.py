@@ -135,12 +135,10 @@ class WindowAttention(nn.Module):
             mask = self.window_mask(plan, qkv.dtype)  # rebuilt: the table needs its gradient
         else:
             mask = self._cached_mask(plan, qkv.dtype, batch * windows)
-        if residual is not None:
-            residual = residual.view(batch * windows, tokens, channels)
-            out = fused_attention.attend_project(qkv5, mask, self.scale, self.proj, residual)
-            return out.view(batch, length, channels)
-        out = fused_attention.attend_project(qkv5, mask, self.scale, self.proj)  # (B*nW, N, C)
-        return self.proj_drop(out.view(batch, length, channels))
+        rows = None if residual is None else residual.view(batch * windows, tokens, channels)
+        out = fused_attention.attend_project(qkv5, mask, self.scale, self.proj, rows)
+        out = out.view(batch, length, channels)  # (B*nW, N, C) -> (B, L, C)
+        return out if residual is not None else self.proj_drop(out)
 
     def forward_window_rows(self, x: torch.Tensor, plan: WindowPlan, first: int) -> torch.Tensor:
         """Inference on a run of whole windows of ``plan``, without gradients.

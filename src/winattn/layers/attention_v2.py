@@ -127,9 +127,9 @@ def _scaled_units(qk: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
 
     Returns a new tensor in ``qk``'s dtype. In bfloat16 without gradients the factor is
     rounded to bfloat16 before the product (two roundings, as the cast back and the product
-    make in :func:`_unit`'s order); with gradients the product runs in float32, so that its
-    backward (the logit scale's gradient sums it over every token) does too; float16 always
-    multiplies in float32, where the factor of an all-zero padded key (1e12) exists.
+    make in :func:`_unit`'s order); in grad mode the product runs in float32, as training's
+    :class:`_ScaledQkvFunction` computes it; float16 always multiplies in float32, where the
+    factor of an all-zero padded key (1e12) exists.
     """
     factor, _ = _unit_factors(qk, logit_scale)
     if qk.dtype == torch.float16 or (qk.dtype != factor.dtype and torch.is_grad_enabled()):

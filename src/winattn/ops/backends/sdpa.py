@@ -115,7 +115,7 @@ class ExpandedMaskCache:
             self._entries.clear()  # the weights changed: every entry is stale
         with torch.inference_mode(False), torch.no_grad():
             mask = build()
-            mask = None if mask is None else expand_to_batch(mask, rows).to(dtype).contiguous()
+            mask = None if mask is None else expand_to_batch(mask, rows).to(dtype)
         self._entries[key] = ((weights, rows), mask)
         return mask
 
