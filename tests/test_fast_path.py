@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from winattn import window_attention
+from winattn.cli.bench_cases import saved_tensor_bytes
 from winattn.ops.backends.sdpa import attend_qkv, expand_to_batch
 from winattn.ops.geometry import padded_token_mask, plan_windows, transition_index
 
@@ -40,23 +41,6 @@ def _assert_within_tolerance_rule(exact, reference, fast, floor):
         ref_err = (r.double() - e).abs().max().item()
         err = (f.double() - e).abs().max().item()
         assert err <= factor * ref_err + floor, (i, err, ref_err)
-
-
-def _saved_bytes(fn, params):
-    """``fn()`` and the bytes of the distinct storages autograd saves for its backward,
-    ``params``' excluded."""
-    weights = {p.untyped_storage().data_ptr() for p in params}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(storages.values())
 
 
 def _autocast_grads(fn, x, params, grad, cast):
@@ -428,7 +412,7 @@ def test_norm_mlp_recomputing_its_hidden_layer_keeps_less_and_matches(monkeypatc
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 return fused.norm_mlp(x, norm, fc1, fc2, recompute_hidden=r)
 
-        out, kept[recompute] = _saved_bytes(run, params)
+        out, kept[recompute] = saved_tensor_bytes(run, params)
         assert type(out.grad_fn).__name__ == "_NormMlpFunctionBackward"
         results[recompute] = [out, *torch.autograd.grad(out, [x, *params], grad)]
     hidden_bytes = 4 * 49 * 128 * (2 if autocast else 4)
@@ -454,9 +438,9 @@ def test_mlp_without_norm_matches_modules_and_keeps_less(monkeypatch, recompute,
     params = [*fc1.parameters(), *fc2.parameters()]
     x = torch.randn(3, 7, 12, requires_grad=True)
     grad = torch.randn(3, 7, 12)
-    got, kept_fused = _saved_bytes(lambda: fused.mlp(x, fc1, fc2, recompute_hidden=recompute),
+    got, kept_fused = saved_tensor_bytes(lambda: fused.mlp(x, fc1, fc2, recompute_hidden=recompute),
                                    params)
-    _, kept_modules = _saved_bytes(lambda: fc2(torch.nn.functional.gelu(fc1(x))), params)
+    _, kept_modules = saved_tensor_bytes(lambda: fc2(torch.nn.functional.gelu(fc1(x))), params)
     assert type(got.grad_fn).__name__ == "_NormMlpFunctionBackward"
     hidden_bytes = 3 * 7 * 48 * 4
     assert kept_modules - kept_fused == hidden_bytes * (2 if recompute else 1)

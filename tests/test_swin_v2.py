@@ -20,6 +20,7 @@ from torch import nn
 
 import winattn
 from winattn.checkpoints import from_native, load_checkpoint
+from winattn.cli.bench_cases import saved_tensor_bytes
 
 timm = pytest.importorskip("timm")
 
@@ -382,16 +383,7 @@ def test_scaled_qkv_function_keeps_its_output_only_and_bf16_errors_within_the_ru
     grad = torch.randn(16, 49, 3, 4, 32).bfloat16()
     saved, results = {}, {}
     for name, fn in (("function", _ScaledQkvFunction.apply), ("composite", _composite_scaled_qkv)):
-        storages: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            if t.untyped_storage().data_ptr() != scale.untyped_storage().data_ptr():
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = fn(qkv, scale)
-        saved[name] = sum(storages.values())
+        out, saved[name] = saved_tensor_bytes(functools.partial(fn, qkv, scale), [scale])
         results[name] = [out, *torch.autograd.grad(out, (qkv, scale), grad)]
     qkv_bytes = qkv.numel() * 2
     norms_bytes = 16 * 49 * 2 * 4 * 4

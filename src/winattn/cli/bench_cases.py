@@ -207,7 +207,8 @@ def randomise_norms_(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def build_peers(variant: str, peers: list[str], img_size: int | None = None, drop_path: float = 0.0) -> tuple[dict[str, Peer], dict]:
-    """winattn plus the requested peers, winattn loaded with timm's random-init weights.
+    """winattn plus the requested peers, winattn loaded with timm's random-init weights (Swin
+    V2's post-norms randomised first: :func:`randomise_norms_`).
 
     torchvision and transformers models get their own random weights; their parity is checked
     against a winattn model converted from their state dict with ``winattn.load_checkpoint``
@@ -217,16 +218,28 @@ def build_peers(variant: str, peers: list[str], img_size: int | None = None, dro
     import timm
 
     img_size = img_size or image_size(variant)
-    if is_v2(variant):
-        return _build_v2_peers(variant, peers, img_size, drop_path)
-    notes: dict[str, str] = {}
     timm_model = timm.create_model(variant, img_size=img_size, drop_path_rate=drop_path)
+    if is_v2(variant):
+        randomise_norms_(timm_model)
+    state = timm_model.state_dict()
     ours = winattn.create_model(variant, drop_path_rate=drop_path)
-    ours.load_state_dict(_without_buffers(timm_model.state_dict()))
+    ours.load_state_dict(state if is_v2(variant) else _without_buffers(state))
     built = {
         "winattn": Peer("winattn", ours, ours, ours.forward_features),
         "timm": Peer("timm", timm_model, timm_model, timm_model.forward_features),
     }
+    others = _v2_peers if is_v2(variant) else _v1_peers
+    extra, notes = others(variant, peers, img_size)
+    built.update(extra)
+    for peer in built.values():
+        peer.model.eval()
+    return built, notes
+
+
+def _v1_peers(variant: str, peers: list[str], img_size: int) -> tuple[dict[str, Peer], dict]:
+    """torchvision's and Hugging Face's Swin V1, on their own random weights."""
+    built: dict[str, Peer] = {}
+    notes: dict[str, str] = {}
     tv_name, hf_args = VARIANTS[variant]
     if getattr(winattn, "load_checkpoint", None) is None:
         for name in ("torchvision", "transformers"):
@@ -253,27 +266,14 @@ def build_peers(variant: str, peers: list[str], img_size: int | None = None, dro
             )
         except ImportError as err:
             notes["transformers"] = f"not installed ({err})"
-    for peer in built.values():
-        peer.model.eval()
     return built, notes
 
 
-def _build_v2_peers(
-    variant: str, peers: list[str], img_size: int, drop_path: float
-) -> tuple[dict[str, Peer], dict]:
-    """Swin V2: timm's model with non-trivial post-norms (:func:`randomise_norms_`) and winattn
-    on its weights; torchvision on its own random weights, randomised the same way."""
-    import timm
-
+def _v2_peers(variant: str, peers: list[str], img_size: int) -> tuple[dict[str, Peer], dict]:
+    """torchvision's Swin V2 where it has the model, on its own random weights with the
+    post-norms randomised as timm's are; Hugging Face's left out (another function)."""
+    built: dict[str, Peer] = {}
     notes: dict[str, str] = {}
-    timm_model = timm.create_model(variant, img_size=img_size, drop_path_rate=drop_path)
-    randomise_norms_(timm_model)
-    ours = winattn.create_model(variant, drop_path_rate=drop_path)
-    ours.load_state_dict(timm_model.state_dict())
-    built = {
-        "winattn": Peer("winattn", ours, ours, ours.forward_features),
-        "timm": Peer("timm", timm_model, timm_model, timm_model.forward_features),
-    }
     if "torchvision" in peers and variant not in VARIANTS_V2:
         notes["torchvision"] = "left out: torchvision has no such model"
     elif "torchvision" in peers:
@@ -288,8 +288,6 @@ def _build_v2_peers(
     if "transformers" in peers:
         notes["transformers"] = ("left out: Hugging Face's Swinv2 adds its shift mask twice, "
                                  "another function (docs/swin_v2.md)")
-    for peer in built.values():
-        peer.model.eval()
     return built, notes
 
 
@@ -379,23 +377,33 @@ def time_training_steps(
     return summary, err
 
 
-def saved_activation_bytes(peer: Peer, x: torch.Tensor, dtype: str) -> int:
-    """Bytes autograd keeps for backward after one forward (distinct storages, parameters
-    excluded): the activation memory of a training step."""
-    params = {p.untyped_storage().data_ptr() for p in peer.model.parameters()}
+def saved_tensor_bytes(fn: Callable[[], object], params) -> tuple[object, int]:
+    """``fn()`` and the bytes of the distinct storages autograd saves for its backward,
+    ``params``' own storages excluded."""
+    excluded = {p.untyped_storage().data_ptr() for p in params}
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
+        if storage.data_ptr() not in excluded:
             storages[storage.data_ptr()] = storage.nbytes()
         return t
 
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def saved_activation_bytes(peer: Peer, x: torch.Tensor, dtype: str) -> int:
+    """Bytes autograd keeps for backward after one forward (distinct storages, parameters
+    excluded): the activation memory of a training step."""
     peer.model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_context(dtype):
-        out = peer.logits(x)
-    del out
-    return sum(storages.values())
+
+    def forward() -> None:
+        with autocast_context(dtype):
+            peer.logits(x)
+
+    return saved_tensor_bytes(forward, peer.model.parameters())[1]
 
 
 # --------------------------------------------------------------------------- memory worker
