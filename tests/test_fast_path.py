@@ -860,3 +860,61 @@ def test_linear_add_is_the_residual_plus_the_linear():
     out = fused.linear_add(x, layer, residual)
     out.sum().backward()
     torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(2, 49, 48))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_lean_inference_blocks_equal_the_general_eval_path(monkeypatch, dtype):
+    """``SwinBlock._infer`` (eval with the weights prepared once per block and no per-call
+    checks) gives the general eval path's output bit for bit, on padded maps with shifted
+    windows, and follows in-place weight updates and replaced parameters."""
+    monkeypatch.setattr(swin_module.SwinBlock, "_runs_in_window_groups", lambda s, t: False)
+    calls = []
+    lean = swin_module.SwinBlock._infer
+
+    def counted(self, *args):
+        calls.append(self)
+        return lean(self, *args)
+
+    monkeypatch.setattr(swin_module.SwinBlock, "_infer", counted)
+    torch.manual_seed(0)
+    model = SwinTransformer(SwinConfig(**TINY)).eval()
+    x = torch.randn(2, 3, 30, 42)
+    blocks = [b for stage in model.layers for b in stage.blocks]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), autocast:
+            calls.clear()
+            ours = model(x)
+            assert len(calls) == len(blocks)
+            with monkeypatch.context() as m:
+                m.setattr(fused, "inference_ready", lambda *a: False)
+                general = model(x)
+            assert len(calls) == len(blocks)  # the general path did not come through _infer
+        return ours, general
+
+    ours, general = both()
+    assert torch.equal(ours, general)
+    block = blocks[1]
+    with torch.no_grad():
+        block.mlp.fc1.weight.mul_(3.0)
+        block.attn.qkv.bias = torch.nn.Parameter(torch.randn_like(block.attn.qkv.bias))
+    updated, general = both()
+    assert torch.equal(updated, general)
+    assert not torch.equal(updated, ours)
+
+
+def test_float32_inference_takes_whole_stages_below_the_group_size(monkeypatch):
+    """float32 eval chooses the whole-stage path (``_infer``) for a stage that would be one
+    window group, and groups for a larger one; both give the same output."""
+    torch.manual_seed(0)
+    model = SwinTransformer(SwinConfig(**TINY)).eval()
+    x = torch.randn(1, 3, 32, 32)  # stage 1: 256 tokens, stage 2: 64
+    with torch.no_grad():
+        expected = model(x)
+    for limit, grouped in ((10**6, False), (0, True)):
+        monkeypatch.setattr(swin_module, "WINDOW_GROUPS_FROM_TOKENS", limit)
+        with torch.no_grad():
+            tokens = torch.randn(1, 64, 16)
+            assert model.layers[0].blocks[0]._runs_in_window_groups(tokens) is grouped
+            torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops import WindowPlan, window_attention
@@ -139,6 +140,20 @@ class WindowAttention(nn.Module):
         out = fused_attention.attend_project(qkv5, mask, self.scale, self.proj, rows)
         out = out.view(batch, length, channels)  # (B*nW, N, C) -> (B, L, C)
         return out if residual is not None else self.proj_drop(out)
+
+    def infer_attention(self, qkv: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
+        """Attention inside ``plan``'s windows on the qkv projection's output ``(B, L, 3C)``
+        (tokens in window order), without gradients: one SDPA call on views of ``qkv``, the
+        cached mask; returns ``(B, L, C)``, the projection's input."""
+        batch, length, width = qkv.shape
+        rows = batch * plan.num_windows
+        q, k, v = fused_attention.unbind_qkv(
+            qkv.view(rows, plan.window_tokens, 3, self.num_heads, self.head_dim)
+        )
+        mask = self._cached_mask(plan, qkv.dtype, rows)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        # SDPA's CPU kernel writes (rows, N, heads, d) memory: this reshape is a view there.
+        return out.transpose(1, 2).reshape(batch, length, width // 3)
 
     def forward_window_rows(self, x: torch.Tensor, plan: WindowPlan, first: int) -> torch.Tensor:
         """Inference on a run of whole windows of ``plan``, without gradients.

@@ -169,7 +169,9 @@ def _inference_params(
     stamp = (weight.data_ptr(), weight._version) + (
         () if bias is None else (bias.data_ptr(), bias._version)
     )
-    per_dtype = _INFERENCE_WEIGHTS.setdefault(layer, {})
+    per_dtype = _INFERENCE_WEIGHTS.get(layer)
+    if per_dtype is None:
+        per_dtype = _INFERENCE_WEIGHTS[layer] = {}
     cached = per_dtype.get(dtype)
     if cached is None or cached[0] != stamp:
         prepared = weight.detach().to(dtype)
@@ -239,6 +241,63 @@ def linear_add(x: torch.Tensor, layer: nn.Linear, residual: torch.Tensor) -> tor
     other = residual.view(*x.shape[:-1], layer.weight.shape[0])
     out = torch.ops.mkldnn._linear_pointwise.binary(x.to(dtype), other, weight, bias, "add")
     return out.view(residual.shape)
+
+
+def inference_ready(x: torch.Tensor, layer: nn.Linear) -> bool:
+    """Whether :func:`infer_linear` and :func:`infer_linear_add` serve a no-grad pass over
+    ``x`` through ``layer`` and layers like it: oneDNN on the CPU, ``x`` contiguous and
+    already in the compute dtype (as a block's residual stream is, in float32 and under bf16
+    autocast), the weight in a oneDNN dtype. Asked once per block, not per call."""
+    return (
+        _onednn_ready(x)
+        and x.dtype in _ONEDNN_DTYPES
+        and x.dtype == compute_dtype(x)
+        and layer.weight.dtype in _ONEDNN_DTYPES
+        and x.is_contiguous()
+    )
+
+
+#: Per module and dtype, the prepared weights of a group of its linears (a block's four):
+#: ``(stamp, ((weight, bias), ...))``, the same tensors as :data:`_INFERENCE_WEIGHTS` holds.
+_INFERENCE_SETS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+
+
+def inference_weights(
+    owner: nn.Module, layers: tuple[nn.Linear, ...], dtype: torch.dtype
+) -> tuple[tuple[torch.Tensor, torch.Tensor | None], ...]:
+    """:func:`_inference_params` of each of ``layers`` (``owner``'s), checked against one
+    stamp of all their parameters per call instead of one lookup per layer (in a Swin-T bf16
+    forward at batch 1, the four lookups of a block measured 2-3% of the time)."""
+    params = [p for layer in layers for p in (layer.weight, layer.bias)]
+    stamp = tuple([None if p is None else (p.data_ptr(), p._version) for p in params])
+    per_dtype = _INFERENCE_SETS.get(owner)
+    if per_dtype is None:
+        per_dtype = _INFERENCE_SETS[owner] = {}
+    cached = per_dtype.get(dtype)
+    if cached is None or cached[0] != stamp:
+        prepared = tuple(_inference_params(layer, dtype) for layer in layers)
+        cached = per_dtype[dtype] = (stamp, prepared)
+    return cached[1]
+
+
+def infer_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` (then exact GELU) in one oneDNN call, nothing else, for
+    :func:`inference_weights`' tensors where :func:`inference_ready` holds (each Python step
+    between two oneDNN calls measured dearer inside a forward than on its own:
+    docs/performance.md, item 12)."""
+    if gelu:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def infer_linear_add(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
+) -> torch.Tensor:
+    """``residual + x @ weight.T + bias`` as :func:`infer_linear`, the add a oneDNN post-op
+    (as in :func:`linear_add`); ``residual`` has the output's shape."""
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
 
 
 #: Tokens per chunk of :class:`_NormMlpFunction` when it recomputes the hidden layer: each
