@@ -328,6 +328,49 @@ def test_inference_mode_caches_the_bias_without_breaking_later_training():
     assert attn.cpb_mlp[2].weight.grad is not None
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_lean_inference_blocks_equal_the_general_eval_path(monkeypatch, dtype):
+    """``SwinV2Block._infer`` (weights, qkv bias and logit scale prepared once, no per-call
+    checks) gives the general eval path's output bit for bit on padded maps with shifted
+    windows, and follows in-place updates and replaced parameters."""
+    from winattn.layers import fused
+    from winattn.models import swin_v2
+
+    calls = []
+    lean = swin_v2.SwinV2Block._infer
+    monkeypatch.setattr(swin_v2.SwinV2Block, "_infer",
+                        lambda self, *a: calls.append(1) or lean(self, *a))
+    torch.manual_seed(0)
+    model = winattn.create_model(
+        "swinv2_tiny_window8_256", depths=(2, 2), num_heads=(2, 4), embed_dim=16
+    ).eval()
+    randomize_(model)
+    x = torch.randn(2, 3, 72, 88)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), autocast:
+            calls.clear()
+            ours = model(x)
+            assert len(calls) == 4
+            with monkeypatch.context() as m:
+                m.setattr(fused, "inference_ready", lambda *a: False)
+                general = model(x)
+            assert len(calls) == 4
+        return ours, general
+
+    ours, general = both()
+    assert torch.equal(ours, general)
+    block = model.layers[0].blocks[1]
+    with torch.no_grad():
+        block.attn.logit_scale.add_(0.5)
+        block.attn.q_bias = nn.Parameter(torch.randn_like(block.attn.q_bias))
+        block.mlp.fc1.weight.mul_(2.0)
+    updated, general = both()
+    assert torch.equal(updated, general)
+    assert not torch.equal(updated, ours)
+
+
 # ---------------------------------------------------------------- q/k normalisation with grad
 def _composite_scaled_units(qk: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """What autograd differentiated before the Function: the same formula as composite ops."""

@@ -245,6 +245,7 @@ class WindowAttentionV2(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self._bias_cache: dict[tuple, torch.Tensor] = {}
         self._mask_cache = ExpandedMaskCache()  # eval-time bias + shift mask, batch-expanded
+        self._inference_constants: dict[torch.dtype, tuple] = {}  # see inference_constants
 
     def _compute_position_bias(
         self,
@@ -346,6 +347,19 @@ class WindowAttentionV2(nn.Module):
                 mask = self._cached_mask(plan, rows, qkv.dtype)
             out = fused_attention.attend_project(scaled, mask, 1.0, self.proj)  # (rows, N, C)
             return self.proj_drop(out.view(batch, length, channels))
+        out = self.attend_inference(qkv.view(batch, length, -1), plan, logit_scale)
+        return self.proj_drop(fused.linear(out, self.proj))
+
+    def attend_inference(
+        self, qkv: torch.Tensor, plan: WindowPlan, logit_scale: torch.Tensor
+    ) -> torch.Tensor:
+        """Cosine attention inside ``plan``'s windows on the qkv projection's output
+        ``(B, L, 3C)`` (tokens in window order) without gradients, ``logit_scale`` the
+        clamped exponential ``(heads, 1, 1)``: returns ``(B, L, C)``, the projection's
+        input."""
+        batch, length, width = qkv.shape
+        rows = batch * plan.num_windows
+        qkv = qkv.view(rows, plan.window_tokens, 3, self.num_heads, self.head_dim)
         qk = _scaled_units(qkv[:, :, :2], logit_scale)  # (rows, N, 2, heads, d)
         q, k = qk.transpose(1, 3).unbind(2)  # each (rows, heads, N, d), strided views
         v = qkv[:, :, 2].transpose(1, 2)  # (rows, heads, N, d), a strided view
@@ -355,7 +369,24 @@ class WindowAttentionV2(nn.Module):
             out = explicit_attention(q, k, v, self._cached_mask(plan, rows, torch.float32), 1.0)
         else:
             out = attend_qkv(q, k, v, self._cached_mask(plan, rows, q.dtype), 1.0)
-        return self.proj_drop(fused.linear(out.view(batch, length, channels), self.proj))
+        return out.view(batch, length, width // 3)
+
+    def inference_constants(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The qkv bias ``(q_bias, 0, v_bias)`` in ``dtype`` (or None) and the clamped
+        exponential of ``logit_scale``, as :meth:`forward_windows` builds them per call,
+        cached until those parameters change (identity and version)."""
+        params = (self.q_bias, self.v_bias, self.logit_scale)
+        stamp = tuple([None if p is None else (id(p), p._version) for p in params])
+        cached = self._inference_constants.get(dtype)
+        if cached is None or cached[0] != stamp:
+            with torch.inference_mode(False), torch.no_grad():  # usable outside inference mode
+                bias = None
+                if self.q_bias is not None:
+                    bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+                    bias = bias.to(dtype)
+                scale = torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()
+            cached = self._inference_constants[dtype] = (stamp, (bias, scale))
+        return cached[1]
 
     def forward(
         self,

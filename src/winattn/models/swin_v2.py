@@ -91,6 +91,10 @@ class SwinV2Block(nn.Module):
         """The block on tokens kept in ``plan``'s window order: ``(B, L, C)`` -> same.
         ``padding`` ``(L, 1)`` (True on padded slots) zeroes them at the attention's input, as
         the grid path's zero-padding does; what they hold otherwise is never read."""
+        if not (torch.is_grad_enabled() or self.training) and fused.inference_ready(
+            x, self.attn.qkv
+        ):
+            return self._infer(x, plan, padding)
         attn_in = x if padding is None else x.masked_fill(padding, 0.0)
         x = x + self.drop_path1(self.norm1(self.attn.forward_windows(attn_in, plan)))
         mlp = self.mlp
@@ -99,6 +103,33 @@ class SwinV2Block(nn.Module):
         else:
             mlp_out = fused.mlp(x, mlp.fc1, mlp.fc2, self.recompute_mlp_hidden)
         return x + self.drop_path2(self.norm2(mlp_out))
+
+
+    def _infer(
+        self, x: torch.Tensor, plan: WindowPlan, padding: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Eval of :meth:`forward_windows` where :func:`fused.inference_ready`, as V1's
+        ``SwinBlock._infer``: the four linears' weights from one lookup, the qkv bias and
+        logit scale cached (:meth:`WindowAttentionV2.inference_constants`), bare oneDNN
+        calls, each intermediate released once used."""
+        attn, mlp = self.attn, self.mlp
+        (w_qkv, _), (w_proj, b_proj), (w_fc1, b_fc1), (w_fc2, b_fc2) = (
+            fused.inference_weights(self, (attn.qkv, attn.proj, mlp.fc1, mlp.fc2), x.dtype)
+        )
+        qkv_bias, logit_scale = attn.inference_constants(x.dtype)
+        attn_in = x if padding is None else x.masked_fill(padding, 0.0)
+        qkv = fused.infer_linear(attn_in, w_qkv, qkv_bias)
+        del attn_in
+        out = attn.attend_inference(qkv, plan, logit_scale)
+        del qkv
+        y = fused.infer_linear(out, w_proj, b_proj)
+        del out
+        norm = self.norm1
+        x = x + torch.layer_norm(y, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        del y
+        y = fused.infer_linear(fused.infer_linear(x, w_fc1, b_fc1, gelu=True), w_fc2, b_fc2)
+        norm = self.norm2
+        return x + torch.layer_norm(y, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 class SwinV2Stage(nn.Module):
