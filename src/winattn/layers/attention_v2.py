@@ -374,19 +374,19 @@ class WindowAttentionV2(nn.Module):
     def inference_constants(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The qkv bias ``(q_bias, 0, v_bias)`` in ``dtype`` (or None) and the clamped
         exponential of ``logit_scale``, as :meth:`forward_windows` builds them per call,
-        cached until those parameters change (identity and version)."""
-        params = (self.q_bias, self.v_bias, self.logit_scale)
-        stamp = tuple([None if p is None else (id(p), p._version) for p in params])
+        cached until those parameters change (:func:`fused.parameter_stamp`)."""
+        params = [self.q_bias, self.v_bias, self.logit_scale]
+        stamp = fused.parameter_stamp(params)
         cached = self._inference_constants.get(dtype)
-        if cached is None or cached[0] != stamp:
+        if cached is None or cached[1] != stamp or not fused.same_parameters(cached[0], params):
             with torch.inference_mode(False), torch.no_grad():  # usable outside inference mode
                 bias = None
                 if self.q_bias is not None:
                     bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
                     bias = bias.to(dtype)
                 scale = torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()
-            cached = self._inference_constants[dtype] = (stamp, (bias, scale))
-        return cached[1]
+            cached = self._inference_constants[dtype] = (params, stamp, (bias, scale))
+        return cached[2]
 
     def forward(
         self,

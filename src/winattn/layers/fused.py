@@ -258,8 +258,22 @@ def inference_ready(x: torch.Tensor, layer: nn.Linear) -> bool:
 
 
 #: Per module and dtype, the prepared weights of a group of its linears (a block's four):
-#: ``(stamp, ((weight, bias), ...))``, the same tensors as :data:`_INFERENCE_WEIGHTS` holds.
+#: ``(params, stamp, ((weight, bias), ...))``, the same tensors as :data:`_INFERENCE_WEIGHTS`
+#: holds.
 _INFERENCE_SETS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+
+
+def parameter_stamp(params: list[torch.Tensor | None]) -> tuple:
+    """Storage and version of each of ``params``: changes when one is updated in place or its
+    data replaced. A cache keyed on it also holds ``params`` themselves and checks their
+    identity (:func:`same_parameters`), so that a replaced parameter cannot pass for the old
+    one by reusing its freed address."""
+    return tuple([None if p is None else (p.data_ptr(), p._version) for p in params])
+
+
+def same_parameters(held: list[torch.Tensor | None], params: list[torch.Tensor | None]) -> bool:
+    """Whether ``held`` and ``params`` are the same objects, one for one."""
+    return all(a is b for a, b in zip(held, params))
 
 
 def inference_weights(
@@ -269,15 +283,15 @@ def inference_weights(
     stamp of all their parameters per call instead of one lookup per layer (in a Swin-T bf16
     forward at batch 1, the four lookups of a block measured 2-3% of the time)."""
     params = [p for layer in layers for p in (layer.weight, layer.bias)]
-    stamp = tuple([None if p is None else (p.data_ptr(), p._version) for p in params])
+    stamp = parameter_stamp(params)
     per_dtype = _INFERENCE_SETS.get(owner)
     if per_dtype is None:
         per_dtype = _INFERENCE_SETS[owner] = {}
     cached = per_dtype.get(dtype)
-    if cached is None or cached[0] != stamp:
+    if cached is None or cached[1] != stamp or not same_parameters(cached[0], params):
         prepared = tuple(_inference_params(layer, dtype) for layer in layers)
-        cached = per_dtype[dtype] = (stamp, prepared)
-    return cached[1]
+        cached = per_dtype[dtype] = (params, stamp, prepared)
+    return cached[2]
 
 
 def infer_linear(

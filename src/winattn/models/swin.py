@@ -279,8 +279,8 @@ class SwinBlock(nn.Module):
         four oneDNN calls (each residual add inside the one before it) and SDPA, with the
         fewest Python steps between them the block allows, and each intermediate released
         as soon as it is used (the normalised input before attention, the qkv buffer before
-        the projection's output is made). Swin-T bf16 measured 1.05-1.10x faster at batch 1
-        and 1.01-1.04x at batch 8 than through the general functions, which check per call
+        the projection's output is made). Swin-T bf16 measured 1.06-1.08x faster at batch 1
+        and 1.03-1.055x at batch 8 than through the general functions, which check per call
         (docs/performance.md, item 12)."""
         attn, mlp = self.attn, self.mlp
         (w_qkv, b_qkv), (w_proj, b_proj), (w_fc1, b_fc1), (w_fc2, b_fc2) = (

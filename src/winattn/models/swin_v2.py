@@ -104,7 +104,6 @@ class SwinV2Block(nn.Module):
             mlp_out = fused.mlp(x, mlp.fc1, mlp.fc2, self.recompute_mlp_hidden)
         return x + self.drop_path2(self.norm2(mlp_out))
 
-
     def _infer(
         self, x: torch.Tensor, plan: WindowPlan, padding: torch.Tensor | None
     ) -> torch.Tensor:
