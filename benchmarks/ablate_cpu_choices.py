@@ -66,6 +66,7 @@ def apply(variant: str) -> None:
     swin.SwinBlock._runs_in_window_groups = groups.get(variant, ORIGINAL["runs_in_groups"])
     packed = variant != "no-packing"
     fused._inference_params = ORIGINAL["inference_params"] if packed else _plain_params
+    fused._INFERENCE_SETS.clear()  # the blocks' weight sets were built by the previous choice
     onednn = variant != "no-onednn"
     fused._onednn_ready = ORIGINAL["onednn_ready"] if onednn else (lambda x: False)
     flush = variant != "no-flush"

@@ -273,7 +273,7 @@ def test_attend_project_under_bf16_autocast_within_tolerance_rule():
 
 # --------------------------------------------------------------------------- Swin stages
 from winattn import SwinConfig, SwinTransformer  # noqa: E402
-from winattn.layers import fused, fused_attention  # noqa: E402
+from winattn.layers import fused, fused_attention, fused_norm  # noqa: E402
 
 TINY = dict(embed_dim=16, depths=(2, 3), num_heads=(2, 4), window_size=4, patch_size=2,
             drop_path_rate=0.0, num_classes=5)
@@ -338,7 +338,7 @@ def test_checkpointed_stages_give_the_same_gradients():
 def test_swin_first_stage_recomputes_the_mlp_hidden_layer_without_changing_gradients(
     monkeypatch,
 ):
-    monkeypatch.setattr(fused, "RECOMPUTE_CHUNK_TOKENS", 16)  # several chunks per stage
+    monkeypatch.setattr(fused_norm, "RECOMPUTE_CHUNK_TOKENS", 16)  # several chunks per stage
     torch.manual_seed(0)
     model = SwinTransformer(SwinConfig(**TINY))  # float32: the fused Functions serve it
     flags = [[b.recompute_mlp_hidden for b in stage.blocks] for stage in model.layers]
@@ -364,7 +364,7 @@ def test_norm_mlp_function_matches_modules(monkeypatch, recompute, bias):
     """float32 (the Function's oneDNN matmuls have no float64) against the modules in
     float64, keeping the hidden layer or recomputing it in chunks (21 tokens by 8), with and
     without the linears' biases."""
-    monkeypatch.setattr(fused, "RECOMPUTE_CHUNK_TOKENS", 8)
+    monkeypatch.setattr(fused_norm, "RECOMPUTE_CHUNK_TOKENS", 8)
     torch.manual_seed(0)
     norm = torch.nn.LayerNorm(12)
     fc1, fc2 = torch.nn.Linear(12, 48, bias=bias), torch.nn.Linear(48, 12, bias=bias)
@@ -375,11 +375,11 @@ def test_norm_mlp_function_matches_modules(monkeypatch, recompute, bias):
     params = [*norm.parameters(), *fc1.parameters(), *fc2.parameters()]
     x = torch.randn(3, 7, 12, requires_grad=True)
     grad = torch.randn(3, 7, 12)
-    got = fused.norm_mlp(x, norm, fc1, fc2, recompute_hidden=recompute)
+    got = fused_norm.norm_mlp(x, norm, fc1, fc2, recompute_hidden=recompute)
     assert type(got.grad_fn).__name__ == "_NormMlpFunctionBackward"
     got_grads = torch.autograd.grad(got, [x, *params], grad)
     with torch.no_grad():
-        no_grad = fused.norm_mlp(x, norm, fc1, fc2)  # the fused oneDNN inference calls
+        no_grad = fused_norm.norm_mlp(x, norm, fc1, fc2)  # the fused oneDNN inference calls
     for module in (norm, fc1, fc2):
         module.double()
     x64 = x.detach().double().requires_grad_()
@@ -399,7 +399,7 @@ def test_norm_mlp_recomputing_its_hidden_layer_keeps_less_and_matches(monkeypatc
     one short) only the weight gradients' summation order changes: float32 within 1e-5; bf16
     is held to STYLE's rule in test_bf16_autocast_training_error_within_twice_the_modules_error.
     """
-    monkeypatch.setattr(fused, "RECOMPUTE_CHUNK_TOKENS", chunk)
+    monkeypatch.setattr(fused_norm, "RECOMPUTE_CHUNK_TOKENS", chunk)
     torch.manual_seed(0)
     norm, fc1, fc2 = torch.nn.LayerNorm(32), torch.nn.Linear(32, 128), torch.nn.Linear(128, 32)
     params = [*norm.parameters(), *fc1.parameters(), *fc2.parameters()]
@@ -410,7 +410,7 @@ def test_norm_mlp_recomputing_its_hidden_layer_keeps_less_and_matches(monkeypatc
 
         def run(r=recompute):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                return fused.norm_mlp(x, norm, fc1, fc2, recompute_hidden=r)
+                return fused_norm.norm_mlp(x, norm, fc1, fc2, recompute_hidden=r)
 
         out, kept[recompute] = saved_tensor_bytes(run, params)
         assert type(out.grad_fn).__name__ == "_NormMlpFunctionBackward"
@@ -432,21 +432,21 @@ def test_mlp_without_norm_matches_modules_and_keeps_less(monkeypatch, recompute,
     against the modules in float64; it keeps ``x`` and the pre-activation, the modules also
     keep the GELU's output (one hidden layer more); with ``recompute`` not the pre-activation
     either."""
-    monkeypatch.setattr(fused, "RECOMPUTE_CHUNK_TOKENS", 8)
+    monkeypatch.setattr(fused_norm, "RECOMPUTE_CHUNK_TOKENS", 8)
     torch.manual_seed(0)
     fc1, fc2 = torch.nn.Linear(12, 48, bias=bias), torch.nn.Linear(48, 12, bias=bias)
     params = [*fc1.parameters(), *fc2.parameters()]
     x = torch.randn(3, 7, 12, requires_grad=True)
     grad = torch.randn(3, 7, 12)
-    got, kept_fused = saved_tensor_bytes(lambda: fused.mlp(x, fc1, fc2, recompute_hidden=recompute),
-                                   params)
+    got, kept_fused = saved_tensor_bytes(
+        lambda: fused_norm.mlp(x, fc1, fc2, recompute_hidden=recompute), params)
     _, kept_modules = saved_tensor_bytes(lambda: fc2(torch.nn.functional.gelu(fc1(x))), params)
     assert type(got.grad_fn).__name__ == "_NormMlpFunctionBackward"
     hidden_bytes = 3 * 7 * 48 * 4
     assert kept_modules - kept_fused == hidden_bytes * (2 if recompute else 1)
     got_grads = torch.autograd.grad(got, [x, *params], grad)
     with torch.no_grad():
-        no_grad = fused.mlp(x, fc1, fc2)  # the fused oneDNN inference calls
+        no_grad = fused_norm.mlp(x, fc1, fc2)  # the fused oneDNN inference calls
     fc1.double(), fc2.double()
     x64 = x.detach().double().requires_grad_()
     want = fc2(torch.nn.functional.gelu(fc1(x64)))
@@ -468,7 +468,7 @@ def test_mlp_without_norm_under_bf16_autocast_within_tolerance_rule():
         return fc2(torch.nn.functional.gelu(fc1(t)))
 
     reference = _autocast_grads(modules, x, params, grad, True)
-    fast = _autocast_grads(lambda t: fused.mlp(t, fc1, fc2), x, params, grad, True)
+    fast = _autocast_grads(lambda t: fused_norm.mlp(t, fc1, fc2), x, params, grad, True)
     fc1.double(), fc2.double()
     params64 = list(fc1.parameters()) + list(fc2.parameters())
     x64 = x.detach().double().requires_grad_()
@@ -490,7 +490,7 @@ def test_norm_linear_function_matches_modules(padded):
     padding = (torch.arange(8) % 3 == 2).view(8, 1) if padded else None
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        got = fused.norm_linear(x, norm, layer, padding)
+        got = fused_norm.norm_linear(x, norm, layer, padding)
     assert type(got.grad_fn).__name__ == "_NormLinearFunctionBackward"
     # x is kept, the normalised copy of it is not
     assert sum(t.shape == x.shape for t in saved) == 1
@@ -521,7 +521,7 @@ def test_norm_linear_under_bf16_autocast_within_tolerance_rule():
     with torch.autocast("cpu", enabled=False):
         exact = [t.double() for t in run(lambda t: layer(norm(t)), False)]
     plain = run(lambda t: layer(norm(t)), True)
-    fast = run(lambda t: fused.norm_linear(t, norm, layer), True)
+    fast = run(lambda t: fused_norm.norm_linear(t, norm, layer), True)
     _assert_within_tolerance_rule(exact, plain, fast, 1e-5)
 
 
@@ -530,7 +530,7 @@ def test_bf16_autocast_training_error_within_twice_the_modules_error(monkeypatch
     """STYLE's low-precision rule on the fused MLP, keeping the hidden layer or recomputing it
     in chunks (196 tokens by 50): error against float64 at most 2x (output) and 3x
     (gradients) the error of the plain modules under the same autocast, plus a floor."""
-    monkeypatch.setattr(fused, "RECOMPUTE_CHUNK_TOKENS", 50)
+    monkeypatch.setattr(fused_norm, "RECOMPUTE_CHUNK_TOKENS", 50)
     torch.manual_seed(0)
     norm, fc1, fc2 = torch.nn.LayerNorm(32), torch.nn.Linear(32, 128), torch.nn.Linear(128, 32)
     params = [*norm.parameters(), *fc1.parameters(), *fc2.parameters()]
@@ -544,7 +544,7 @@ def test_bf16_autocast_training_error_within_twice_the_modules_error(monkeypatch
     with torch.autocast("cpu", enabled=False):
         exact = [t.double() for t in run(modules, False)]  # float32 is far below bf16 noise
     plain = run(modules, True)
-    fast = run(lambda t: fused.norm_mlp(t, norm, fc1, fc2, recompute_hidden=recompute), True)
+    fast = run(lambda t: fused_norm.norm_mlp(t, norm, fc1, fc2, recompute_hidden=recompute), True)
     _assert_within_tolerance_rule(exact, plain, fast, 1e-5)
 
 
@@ -738,7 +738,7 @@ def test_float32_gradients_through_onednn_match_float64(monkeypatch, amx):
     for rows in (3 * 7, 3000):  # below and above the oneDNN weight-gradient limit
         x = torch.randn(rows, 16, requires_grad=True)
         grad = torch.randn(rows, 16)
-        got = fused.norm_mlp(x, norm, fc1, fc2) + fused.linear(x, qkv)[:, :16]
+        got = fused_norm.norm_mlp(x, norm, fc1, fc2) + fused.linear(x, qkv)[:, :16]
         got_grads = torch.autograd.grad(got, [x, *params], grad)
         xd = x.detach().double().requires_grad_()
         ref_params = [p.detach().double().requires_grad_() for p in params]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..ops import WindowPlan, window_attention
@@ -17,7 +16,7 @@ from ..ops.backends.sdpa import (
     prefers_matmuls,
 )
 from ..ops.traceable import TracedWindows, traceable_window_attention
-from . import fused, fused_attention
+from . import fused, fused_attention, fused_norm
 from .position import relative_position_index
 
 
@@ -124,7 +123,7 @@ class WindowAttention(nn.Module):
         batch, length, channels = x.shape
         windows, tokens = plan.num_windows, plan.window_tokens
         if norm is not None:
-            qkv = fused.norm_linear(x, norm, self.qkv, padding)  # (B, L, 3C)
+            qkv = fused_norm.norm_linear(x, norm, self.qkv, padding)  # (B, L, 3C)
         elif padding is not None:
             qkv = fused.linear(x.masked_fill(padding, 0.0), self.qkv)
         else:
@@ -143,17 +142,15 @@ class WindowAttention(nn.Module):
 
     def infer_attention(self, qkv: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
         """Attention inside ``plan``'s windows on the qkv projection's output ``(B, L, 3C)``
-        (tokens in window order), without gradients: one SDPA call on views of ``qkv``, the
-        cached mask; returns ``(B, L, C)``, the projection's input."""
+        (tokens in window order), without gradients: SDPA on views of ``qkv``
+        (:func:`attend_qkv`), the cached mask; returns ``(B, L, C)``, the projection's input."""
         batch, length, width = qkv.shape
         rows = batch * plan.num_windows
         q, k, v = fused_attention.unbind_qkv(
             qkv.view(rows, plan.window_tokens, 3, self.num_heads, self.head_dim)
         )
-        mask = self._cached_mask(plan, qkv.dtype, rows)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        # SDPA's CPU kernel writes (rows, N, heads, d) memory: this reshape is a view there.
-        return out.transpose(1, 2).reshape(batch, length, width // 3)
+        out = attend_qkv(q, k, v, self._cached_mask(plan, qkv.dtype, rows), self.scale)
+        return out.view(batch, length, width // 3)
 
     def forward_window_rows(self, x: torch.Tensor, plan: WindowPlan, first: int) -> torch.Tensor:
         """Inference on a run of whole windows of ``plan``, without gradients.

@@ -8,13 +8,13 @@ import torch
 from torch import nn
 
 from ..ops.backends import sdpa
+from . import fused
 from .fused import (
     _ONEDNN_DTYPES,
     _cast,
     _grad_input,
     _grad_weight,
     _matmul_forward,
-    _onednn_ready,
     linear,
     linear_add,
 )
@@ -99,7 +99,7 @@ def attend_project(
     usable = (
         torch.is_grad_enabled()
         and any(t.requires_grad for t in tensors)
-        and _onednn_ready(qkv)
+        and fused._onednn_ready(qkv)
         and qkv.dtype in _ONEDNN_DTYPES
         and layer.weight.dtype in _ONEDNN_DTYPES
     )

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import DropPath, Mlp, PatchEmbed, PatchMerging, WindowAttention, fused
+from ..layers import DropPath, Mlp, PatchEmbed, PatchMerging, WindowAttention, fused, fused_norm
 from ..ops import WindowPlan, plan_windows
 from ..ops.backends import forced_backend, sdpa
 from ..ops.backends.triton_window import triton_available
@@ -232,7 +232,7 @@ class SwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
         self.drop_path2 = DropPath(drop_path)
         #: Training on the CPU: recompute the MLP's hidden layer in backward instead of
-        #: keeping it (see :func:`~winattn.layers.fused.norm_mlp`).
+        #: keeping it (see :func:`~winattn.layers.fused_norm.norm_mlp`).
         self.recompute_mlp_hidden = False
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -269,7 +269,7 @@ class SwinBlock(nn.Module):
         mlp = self.mlp
         if mlp.drop1.p or mlp.drop2.p:
             return x + self.drop_path2(mlp(self.norm2(x)))
-        mlp_out = fused.norm_mlp(x, self.norm2, mlp.fc1, mlp.fc2, self.recompute_mlp_hidden)
+        mlp_out = fused_norm.norm_mlp(x, self.norm2, mlp.fc1, mlp.fc2, self.recompute_mlp_hidden)
         return x + self.drop_path2(mlp_out)
 
     def _infer(
@@ -363,7 +363,7 @@ class SwinBlock(nn.Module):
             attn_in = attn_in.view(size, tokens, channels)
         y = chunk + self.attn.forward_window_rows(attn_in, plan, first)
         mlp = self.mlp
-        return y + fused.norm_mlp(y, self.norm2, mlp.fc1, mlp.fc2)
+        return y + fused_norm.norm_mlp(y, self.norm2, mlp.fc1, mlp.fc2)
 
 
 #: Tokens per group of :meth:`SwinBlock._forward_window_groups`: 64 windows of 7x7 measured

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import DropPath, Mlp, PatchEmbed, PatchMerging, fused
+from ..layers import DropPath, Mlp, PatchEmbed, PatchMerging, fused, fused_norm
 from ..layers.attention_v2 import WindowAttentionV2
 from ..ops import WindowPlan
 from ..ops.traceable import is_tracing
@@ -71,7 +71,7 @@ class SwinV2Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.drop_path2 = DropPath(drop_path)
         #: Training on the CPU: recompute the MLP's hidden layer in backward instead of
-        #: keeping it (see :func:`~winattn.layers.fused.mlp`).
+        #: keeping it (see :func:`~winattn.layers.fused_norm.mlp`).
         self.recompute_mlp_hidden = False
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +101,7 @@ class SwinV2Block(nn.Module):
         if self.training and (mlp.drop1.p or mlp.drop2.p):
             mlp_out = mlp(x)
         else:
-            mlp_out = fused.mlp(x, mlp.fc1, mlp.fc2, self.recompute_mlp_hidden)
+            mlp_out = fused_norm.mlp(x, mlp.fc1, mlp.fc2, self.recompute_mlp_hidden)
         return x + self.drop_path2(self.norm2(mlp_out))
 
     def _infer(
