@@ -374,19 +374,18 @@ class WindowAttentionV2(nn.Module):
     def inference_constants(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The qkv bias ``(q_bias, 0, v_bias)`` in ``dtype`` (or None) and the clamped
         exponential of ``logit_scale``, as :meth:`forward_windows` builds them per call,
-        cached until those parameters change (:func:`fused.parameter_stamp`)."""
-        params = [self.q_bias, self.v_bias, self.logit_scale]
-        stamp = fused.parameter_stamp(params)
-        cached = self._inference_constants.get(dtype)
-        if cached is None or cached[1] != stamp or not fused.same_parameters(cached[0], params):
+        cached until those parameters change (:func:`fused.cached_by_parameters`)."""
+
+        def build() -> tuple[torch.Tensor | None, torch.Tensor]:
             with torch.inference_mode(False), torch.no_grad():  # usable outside inference mode
                 bias = None
                 if self.q_bias is not None:
                     bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
                     bias = bias.to(dtype)
-                scale = torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()
-            cached = self._inference_constants[dtype] = (params, stamp, (bias, scale))
-        return cached[2]
+                return bias, torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()
+
+        params = [self.q_bias, self.v_bias, self.logit_scale]
+        return fused.cached_by_parameters(self._inference_constants, dtype, params, build)
 
     def forward(
         self,

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,8 @@ from torch import nn
 from ..ops.backends import sdpa
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+T = TypeVar("T")
 
 
 def _register_flops() -> None:
@@ -150,8 +154,8 @@ class _LinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-#: Inference copies of linear parameters, per layer and dtype: ``(params, stamp, weight,
-#: bias)``. Kept outside the modules so that deep-copying or pickling a model never meets an
+#: Inference copies of linear parameters, per layer and dtype (:func:`cached_by_parameters`
+#: entries). Kept outside the modules so that deep-copying or pickling a model never meets an
 #: opaque oneDNN tensor.
 _INFERENCE_WEIGHTS: weakref.WeakKeyDictionary[nn.Linear, dict] = weakref.WeakKeyDictionary()
 
@@ -160,27 +164,24 @@ def _inference_params(
     layer: nn.Linear, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``layer``'s weight and bias for a no-grad oneDNN call in ``dtype``, cached until either
-    parameter changes (:func:`parameter_stamp`, :func:`same_parameters`). bfloat16 weights are
-    also reordered once into oneDNN's blocked layout, which the matmul otherwise redoes on
-    every call (a bf16 Swin-T forward measured 2-20% faster across runs; float32 was not
-    faster, so it keeps plain weights); the bias cast is kept too rather than redone per
-    call."""
+    parameter changes (:func:`cached_by_parameters`). bfloat16 weights are also reordered once
+    into oneDNN's blocked layout, which the matmul otherwise redoes on every call (a bf16 Swin-T
+    forward measured 2-20% faster across runs; float32 was not faster, so it keeps plain
+    weights); the bias cast is kept too rather than redone per call."""
     weight, bias = _weight_matrix(layer), layer.bias
     pack = dtype == torch.bfloat16 and _can_pack_weights()
     if weight.dtype == dtype and not pack and (bias is None or bias.dtype == dtype):
         return weight, bias
-    params = [layer.weight, bias]  # the parameters, not the flattened view of a kernel
-    stamp = parameter_stamp(params)
-    per_dtype = _INFERENCE_WEIGHTS.get(layer)
-    if per_dtype is None:
-        per_dtype = _INFERENCE_WEIGHTS[layer] = {}
-    cached = per_dtype.get(dtype)
-    if cached is None or cached[1] != stamp or not same_parameters(cached[0], params):
+
+    def prepare() -> tuple[torch.Tensor, torch.Tensor | None]:
         prepared = weight.detach().to(dtype)
         if pack:
             prepared = torch.ops.mkldnn._reorder_linear_weight(prepared)
-        cached = per_dtype[dtype] = (params, stamp, prepared, _cast(bias, dtype))
-    return cached[2], cached[3]
+        return prepared, _cast(bias, dtype)
+
+    # The parameters, not the flattened view of a convolution's kernel.
+    params = [layer.weight, bias]
+    return cached_by_parameters(_entries_of(_INFERENCE_WEIGHTS, layer), dtype, params, prepare)
 
 
 def _weight_matrix(layer: nn.Module) -> torch.Tensor:
@@ -259,23 +260,39 @@ def inference_ready(x: torch.Tensor, layer: nn.Linear) -> bool:
     )
 
 
-#: Per module and dtype, the prepared weights of a group of its linears (a block's four):
-#: ``(params, stamp, ((weight, bias), ...))``, the same tensors as :data:`_INFERENCE_WEIGHTS`
-#: holds.
+#: Per module and dtype, the prepared weights of a group of its linears (a block's four), as
+#: :func:`cached_by_parameters` entries: the same tensors as :data:`_INFERENCE_WEIGHTS` holds.
 _INFERENCE_SETS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
 def parameter_stamp(params: list[torch.Tensor | None]) -> tuple:
     """Storage and version of each of ``params``: changes when one is updated in place or its
-    data replaced. A cache keyed on it also holds ``params`` themselves and checks their
-    identity (:func:`same_parameters`), so that a replaced parameter cannot pass for the old
-    one by reusing its freed address."""
+    data replaced."""
     return tuple([None if p is None else (p.data_ptr(), p._version) for p in params])
 
 
 def same_parameters(held: list[torch.Tensor | None], params: list[torch.Tensor | None]) -> bool:
     """Whether ``held`` and ``params`` are the same objects, one for one."""
     return all(a is b for a, b in zip(held, params))
+
+
+def cached_by_parameters(entries: dict, key: object, params: list, build: Callable[[], T]) -> T:
+    """``build()``, kept in ``entries[key]`` until one of ``params`` changes: its
+    :func:`parameter_stamp`, or its identity (the entry holds ``params`` themselves, so that
+    a replaced parameter cannot pass for the old one by reusing its freed address)."""
+    stamp = parameter_stamp(params)
+    hit = entries.get(key)
+    if hit is None or hit[1] != stamp or not same_parameters(hit[0], params):
+        hit = entries[key] = (params, stamp, build())
+    return hit[2]
+
+
+def _entries_of(cache: weakref.WeakKeyDictionary, owner: nn.Module) -> dict:
+    """``owner``'s dict of entries in ``cache``, made on first use."""
+    entries = cache.get(owner)
+    if entries is None:
+        entries = cache[owner] = {}
+    return entries
 
 
 def inference_weights(
@@ -285,15 +302,10 @@ def inference_weights(
     stamp of all their parameters per call instead of one lookup per layer (in a Swin-T bf16
     forward at batch 1, the four lookups of a block measured 2-3% of the time)."""
     params = [p for layer in layers for p in (layer.weight, layer.bias)]
-    stamp = parameter_stamp(params)
-    per_dtype = _INFERENCE_SETS.get(owner)
-    if per_dtype is None:
-        per_dtype = _INFERENCE_SETS[owner] = {}
-    cached = per_dtype.get(dtype)
-    if cached is None or cached[1] != stamp or not same_parameters(cached[0], params):
-        prepared = tuple(_inference_params(layer, dtype) for layer in layers)
-        cached = per_dtype[dtype] = (params, stamp, prepared)
-    return cached[2]
+    return cached_by_parameters(
+        _entries_of(_INFERENCE_SETS, owner), dtype, params,
+        lambda: tuple(_inference_params(layer, dtype) for layer in layers),
+    )
 
 
 def infer_linear(
