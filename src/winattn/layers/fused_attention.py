@@ -62,7 +62,7 @@ class _AttendProjectFunction(torch.autograd.Function):
         def grad_out_of(probs: torch.Tensor, v_c: torch.Tensor) -> torch.Tensor:
             with torch.autocast("cpu", enabled=False):
                 grad = grad_y.to(dtype).reshape(rows * tokens, -1)  # (T, C)
-                out = torch.matmul(probs.to(dtype), v_c)  # (B*nW, heads, N, d), recomputed
+                out = torch.matmul(probs, v_c)  # (B*nW, heads, N, d), recomputed
                 flat = out.transpose(1, 2).reshape(rows * tokens, heads * head_dim)
                 del out
                 projection["weight"] = _grad_weight(grad, flat).to(weight.dtype)

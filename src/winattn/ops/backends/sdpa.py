@@ -184,10 +184,19 @@ def _probabilities(
     subnormal (see :func:`_flush_subnormal_exponentials`), in the mask slots deep enough to
     make them."""
     work = torch.promote_types(q.dtype, torch.float32)
-    logits = torch.matmul(q, k.transpose(-1, -2)).to(work).mul_(scale)  # (rows, heads, N, M)
-    if mask is not None:
+    logits = torch.matmul(q, k.transpose(-1, -2))  # (rows, heads, N, M)
+    if mask is None:
+        logits = logits.to(work).mul_(scale)
+    else:
         windows = mask.shape[0]
-        logits.view(-1, windows, *logits.shape[1:]).add_(mask.to(work))
+        by_window = logits.view(-1, windows, *logits.shape[1:])
+        if logits.dtype == work:
+            # One pass, mask + scale * logits (measured 0.42 against 0.70 ms for scale, then
+            # mask, at Swin-T's stage 1); with a bf16 input the mixed add is 6x slower.
+            torch.add(mask.to(work), by_window, alpha=scale, out=by_window)
+        else:
+            logits = logits.to(work).mul_(scale)
+            logits.view(by_window.shape).add_(mask.to(work))
         slots = _deep_mask_slots(mask) if work == torch.float32 else None
         if slots is not None:
             _flush_in_slots(logits, mask.shape, slots)
@@ -272,24 +281,28 @@ def attention_gradients(
     written into ``out`` (three contiguous tensors shaped as q) when given.
 
     ``grad_out_of(probs, v)`` returns the output's gradient ``(B*nW, heads, N, d)``,
-    contiguous, in q's dtype; it sees the float32 probabilities and contiguous v, so a caller
-    that also needs the output (a fused projection) can recompute it there. Matmuls run in the
-    inputs' dtype (bf16 ones as autocast's backward would run them), the softmax and its
-    gradient in at least float32. Each of q, k, v feeds two matmuls: made contiguous once.
+    contiguous, in q's dtype; it sees the probabilities in q's dtype (the matmuls' operand)
+    and contiguous v, so a caller that also needs the output (a fused projection) can
+    recompute it there. Matmuls run in the inputs' dtype (bf16 ones as autocast's backward
+    would run them), the softmax and its gradient in at least float32. Each of q, k, v feeds
+    two matmuls: made contiguous once.
     """
     dtype = q.dtype
     work = torch.promote_types(dtype, torch.float32)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    probs = _probabilities(q, k, mask, scale)  # (B*nW, heads, N, M)
-    grad_out = grad_out_of(probs, v)
+    probs = _probabilities(q, k, mask, scale)  # (B*nW, heads, N, M), work dtype
+    operand = probs.to(dtype)  # cast once for the two matmuls it feeds
+    grad_out = grad_out_of(operand, v)
     grad_probs = torch.matmul(grad_out, v.transpose(-1, -2)).to(work)  # (B*nW, heads, N, M)
-    # dS = P * (dP - rowsum(P * dP)); rowsum(P * dP) equals flash attention's
-    # rowsum(dO * O) and needs neither the output nor float32 copies of dO and O.
-    grad_logits = grad_probs.mul_(probs)
-    grad_logits.addcmul_(probs, grad_logits.sum(dim=-1, keepdim=True), value=-1.0)
-    grad_q_out, grad_k_out, grad_v_out = (None, None, None) if out is None else out
-    grad_v = torch.matmul(probs.to(dtype).transpose(-1, -2), grad_out, out=grad_v_out)
+    # dS = P * (dP - rowsum(P * dP)) by PyTorch's softmax-backward kernel, in place (one pass
+    # over each row after its sum; 0.85 against 1.4 ms for mul, sum and addcmul at stage 1).
+    grad_logits = torch.ops.aten._softmax_backward_data.out(
+        grad_probs, probs, -1, work, grad_input=grad_probs
+    )
     del probs
+    grad_q_out, grad_k_out, grad_v_out = (None, None, None) if out is None else out
+    grad_v = torch.matmul(operand.transpose(-1, -2), grad_out, out=grad_v_out)
+    del operand
     grad_mask = None
     if mask is not None and mask_grad:
         windows = mask.shape[0]
