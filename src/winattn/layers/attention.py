@@ -93,10 +93,8 @@ class WindowAttention(nn.Module):
 
     def _cached_mask(self, plan: WindowPlan, dtype: torch.dtype, rows: int) -> torch.Tensor | None:
         """:meth:`window_mask` expanded to ``rows`` windows, cached until the table changes."""
-        table = self.relative_position_bias_table
-        weights = (table.data_ptr(), table._version)
         build = functools.partial(self.window_mask, plan, dtype)
-        return self._mask_cache.get(plan, dtype, rows, weights, build)
+        return self._mask_cache.get(plan, dtype, rows, [self.relative_position_bias_table], build)
 
     def forward_windows(
         self,

@@ -29,6 +29,7 @@ from ..ops.backends.sdpa import (
     explicit_attention,
     prefers_matmuls,
 )
+from ..ops.stamps import parameter_stamp, same_parameters
 from ..ops.traceable import TracedWindows, traceable_window_attention
 from ..ops.traceable import is_tracing as _is_tracing
 from . import fused, fused_attention
@@ -243,7 +244,8 @@ class WindowAttentionV2(nn.Module):
             self.v_bias = None
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._bias_cache: dict[tuple, torch.Tensor] = {}
+        # (window, device, dtype) -> (parameter stamp, CPB parameters, bias): position_bias
+        self._bias_cache: dict[tuple, tuple[tuple, list, torch.Tensor]] = {}
         self._mask_cache = ExpandedMaskCache()  # eval-time bias + shift mask, batch-expanded
         self._inference_constants: dict[torch.dtype, tuple] = {}  # see inference_constants
 
@@ -273,32 +275,30 @@ class WindowAttentionV2(nn.Module):
     def position_bias(self, window_size: tuple[int, int]) -> torch.Tensor:
         """``(heads, N, N)`` continuous position bias for ``window_size`` (any window).
 
-        Cached per (window, device, dtype) when no gradient is needed; the cache key holds the
-        CPB weights' version counters, so an optimiser step or ``load_state_dict`` invalidates
-        it.
+        Cached per (window, device, dtype) when no gradient is needed, until the CPB weights
+        change (:mod:`winattn.ops.stamps`): an optimiser step, ``load_state_dict`` or a
+        replaced parameter invalidates it.
         """
         window_size = tuple(window_size)
         params = list(self.cpb_mlp.parameters())
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         if needs_grad or _is_tracing():
             return self._compute_position_bias(window_size)
-        weight = params[0]
-        key = (window_size, weight.device, weight.dtype, self._cpb_stamp())
-        bias = self._bias_cache.get(key)
-        if bias is None:
-            # Only the newest weights are worth keeping: drop entries of older versions.
-            stale = [k for k in self._bias_cache if k[3] != key[3]]
-            for k in stale:
-                del self._bias_cache[k]
-            # Outside inference mode even when called in it, so that the cached tensor can
-            # serve later calls made with autograd on (an inference tensor could not).
-            with torch.inference_mode(False), torch.no_grad():
-                bias = self._bias_cache[key] = self._compute_position_bias(window_size)
+        key = (window_size, params[0].device, params[0].dtype)
+        stamp = parameter_stamp(params)
+        hit = self._bias_cache.get(key)
+        if hit is not None and hit[0] == stamp and same_parameters(hit[1], params):
+            return hit[2]
+        # Only the newest weights are worth keeping: drop entries of older (or replaced) ones.
+        for k in [k for k, (s, held, _) in self._bias_cache.items()
+                  if s != stamp or not same_parameters(held, params)]:
+            del self._bias_cache[k]
+        # Outside inference mode even when called in it, so that the cached tensor can serve
+        # later calls made with autograd on (an inference tensor could not).
+        with torch.inference_mode(False), torch.no_grad():
+            bias = self._compute_position_bias(window_size)
+        self._bias_cache[key] = (stamp, params, bias)
         return bias
-
-    def _cpb_stamp(self) -> tuple:
-        """Identity and version of the CPB weights: changes when they are updated or replaced."""
-        return tuple((id(p), p._version) for p in self.cpb_mlp.parameters())
 
     def _cached_mask(
         self, plan: WindowPlan, rows: int, dtype: torch.dtype
@@ -311,7 +311,7 @@ class WindowAttentionV2(nn.Module):
             bias = self.position_bias(plan.window_size).to(work)
             return combine_mask(plan.mask_as(work), bias, work)  # (nW or 1, heads, N, N)
 
-        return self._mask_cache.get(plan, dtype, rows, self._cpb_stamp(), build)
+        return self._mask_cache.get(plan, dtype, rows, list(self.cpb_mlp.parameters()), build)
 
     def forward_windows(self, x: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
         """Attention on tokens already in ``plan``'s window order.

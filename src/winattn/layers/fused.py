@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable
-from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..ops.backends import sdpa
+from ..ops.stamps import cached_by_parameters
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-
-T = TypeVar("T")
 
 
 def _register_flops() -> None:
@@ -263,28 +260,6 @@ def inference_ready(x: torch.Tensor, layer: nn.Linear) -> bool:
 #: Per module and dtype, the prepared weights of a group of its linears (a block's four), as
 #: :func:`cached_by_parameters` entries: the same tensors as :data:`_INFERENCE_WEIGHTS` holds.
 _INFERENCE_SETS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
-
-
-def parameter_stamp(params: list[torch.Tensor | None]) -> tuple:
-    """Storage and version of each of ``params``: changes when one is updated in place or its
-    data replaced."""
-    return tuple([None if p is None else (p.data_ptr(), p._version) for p in params])
-
-
-def same_parameters(held: list[torch.Tensor | None], params: list[torch.Tensor | None]) -> bool:
-    """Whether ``held`` and ``params`` are the same objects, one for one."""
-    return all(a is b for a, b in zip(held, params))
-
-
-def cached_by_parameters(entries: dict, key: object, params: list, build: Callable[[], T]) -> T:
-    """``build()``, kept in ``entries[key]`` until one of ``params`` changes: its
-    :func:`parameter_stamp`, or its identity (the entry holds ``params`` themselves, so that
-    a replaced parameter cannot pass for the old one by reusing its freed address)."""
-    stamp = parameter_stamp(params)
-    hit = entries.get(key)
-    if hit is None or hit[1] != stamp or not same_parameters(hit[0], params):
-        hit = entries[key] = (params, stamp, build())
-    return hit[2]
 
 
 def _entries_of(cache: weakref.WeakKeyDictionary, owner: nn.Module) -> dict:

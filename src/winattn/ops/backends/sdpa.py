@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..call import AttentionCall
+from ..stamps import parameter_stamp, same_parameters
 
 
 def _register_flops() -> None:
@@ -83,7 +84,8 @@ class ExpandedMaskCache:
     """Folded masks (bias + shift mask) expanded to the batch for SDPA, kept between calls
     that need no gradient: one per (plan, dtype), for the batch size last used (the expanded
     mask grows with the batch: 14.7 MB for Swin-T's first stage at batch 8, 96 MiB for
-    SwinV2's window 16), and all dropped when the weights they were built from change.
+    SwinV2's window 16), and all dropped when the parameters they were built from change
+    (:mod:`winattn.ops.stamps`: updated in place, or replaced).
 
     Entries are built outside inference mode even when asked from inside it, so that a
     cached mask can serve later calls made with autograd on (an inference tensor could not be
@@ -91,7 +93,8 @@ class ExpandedMaskCache:
     """
 
     def __init__(self) -> None:
-        self._entries: dict[tuple, tuple[tuple, torch.Tensor | None]] = {}
+        # (plan, dtype) -> ((parameter stamp, rows), mask, the parameters themselves)
+        self._entries: dict[tuple, tuple[tuple, torch.Tensor | None, list]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -101,22 +104,26 @@ class ExpandedMaskCache:
         plan: object,
         dtype: torch.dtype,
         rows: int,
-        weights: tuple,
+        params: list[torch.Tensor],
         build: Callable[[], torch.Tensor | None],
     ) -> torch.Tensor | None:
         """The mask ``build()`` returns, ``(nW or 1, heads, N, M)``, expanded to ``rows``
-        windows (:func:`expand_to_batch`) and cast to ``dtype``; ``weights`` identifies the
-        parameters it was built from (identity and version)."""
+        windows (:func:`expand_to_batch`) and cast to ``dtype``; ``params`` are the
+        parameters it is built from."""
         key = (plan, dtype)
+        stamp = parameter_stamp(params)
         hit = self._entries.get(key)
-        if hit is not None and hit[0] == (weights, rows):
+        if hit is not None and hit[0] == (stamp, rows) and same_parameters(hit[2], params):
             return hit[1]
-        if any(stamp[0] != weights for stamp, _ in self._entries.values()):
-            self._entries.clear()  # the weights changed: every entry is stale
+        if any(
+            held[0][0] != stamp or not same_parameters(held[2], params)
+            for held in self._entries.values()
+        ):
+            self._entries.clear()  # the parameters changed: every entry is stale
         with torch.inference_mode(False), torch.no_grad():
             mask = build()
             mask = None if mask is None else expand_to_batch(mask, rows).to(dtype)
-        self._entries[key] = ((weights, rows), mask)
+        self._entries[key] = ((stamp, rows), mask, list(params))
         return mask
 
 
