@@ -90,3 +90,26 @@ def test_v2_peers_have_live_post_norms_and_pass_the_parity_check():
     for dtype in ("fp32", "bf16"):
         report = check_parity(variant, peers, x, dtype)
         assert all(r["checked"] and r["ok"] for r in report.values())
+
+
+def test_operator_backward_benchmark_checks_both_paths_against_float64():
+    """benchmarks/bench_op_backward.py's gradient check, at its stage-3 shape: winattn's
+    window-order call and the peers' roll/partition path give the float64 gradients of q, k, v
+    and the bias (float32 within 1e-4 of the largest; bf16 autocast by STYLE's rule, which
+    the check raises on)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "bench_op_backward", root / "benchmarks" / "bench_op_backward.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for dtype in ("fp32", "bf16"):
+        errors = module._check(14, 12, dtype, module._calls(14, 12, dtype))
+        assert set(errors) == {"winattn window-order", "roll/partition/matmul"}
+        if dtype == "fp32":
+            assert max(errors.values()) < 1e-5
+        else:
+            assert 0 < errors["winattn window-order"] < 0.05

@@ -268,10 +268,14 @@ def attend_without_grad(
     with torch.no_grad():
         if prefers_matmuls(q) and (mask is None or q.shape[0] % mask.shape[0] == 0):
             return explicit_attention(q, k, v, mask, scale)
-        expanded = None if mask is None else expand_to_batch(mask, q.shape[0])
-        # Detached, so SDPA takes its fused kernel (it refuses a mask that wants a gradient).
-        detached = None if expanded is None else expanded.detach()
-        return _fused_attention(q.detach(), k.detach(), v.detach(), detached, scale)
+        expanded = None
+        if mask is not None:
+            # Detached, so SDPA takes its fused kernel (it refuses a mask that wants a
+            # gradient); cast before it is expanded to the batch, so the batch-sized copy is
+            # made once, in q's dtype (a float32 mask under bf16 autocast was expanded, then
+            # cast: 14.7 MB written and read again at Swin-T's stage 1, batch 8).
+            expanded = expand_to_batch(mask.detach().to(q.dtype), q.shape[0])
+        return _fused_attention(q.detach(), k.detach(), v.detach(), expanded, scale)
 
 
 def attention_gradients(
