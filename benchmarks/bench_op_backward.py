@@ -9,14 +9,18 @@ winattn's error at most twice the peers' own plus 1e-3, STYLE.md's rule). bf16 r
 CPU autocast, as the models train: q, k, v in bf16 (the qkv projection's output), the bias a
 float32 parameter. Also printed: the bytes each keeps for backward (distinct
 storages, ``saved_tensors_hooks``). Medians over interleaved repeats; ratio = the peers' time
-over winattn's (above 1: winattn is faster).
+over winattn's (above 1: winattn is faster). GFLOP/s counts the useful work of the six
+matmuls a forward and backward need (3x the forward's 4 * tokens * N * heads * d), whatever
+each path recomputes; ``--json`` writes the rows with the machine, versions and commit.
 
     PYTHONPATH=src python benchmarks/bench_op_backward.py [--repeats 15] [--dtype fp32 bf16]
+        [--json op-backward.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 
@@ -123,12 +127,15 @@ def main() -> None:
     parser.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", help="also write the rows, machine and versions here")
     args = parser.parse_args()
-    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"commit {cases.git_commit()}")
-    print("| stage | dtype | path | forward + backward ms | ratio | saved for backward MiB "
-          "| gradient error vs float64 |")
-    print("|---|---|---|---|---|---|---|")
+    machine, versions, commit = cases.machine_info(), cases.versions(), cases.git_commit()
+    print(f"{machine['cpu_model']}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}, commit {commit}")
+    print("| stage | dtype | path | forward + backward ms | ratio | GFLOP/s "
+          "| saved for backward MiB | gradient error vs float64 |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
     for stage, side, heads in STAGES:
         for dtype_name in args.dtype:
             dtype = torch.float32 if dtype_name == "fp32" else torch.bfloat16
@@ -149,10 +156,19 @@ def main() -> None:
             summary = cases.summarise(
                 cases.time_interleaved(runs, args.warmup, args.repeats), ours="winattn window-order"
             )
+            flops = 3 * 4 * BATCH * side * side * WINDOW**2 * heads * HEAD_DIM
             for name, stats in summary.items():
+                gflops = flops / (stats["median_ms"] / 1e3) / 1e9
                 print(f"| {stage} ({BATCH}, {side}, {side}, {heads}, {HEAD_DIM}) | {dtype_name} | "
                       f"{name} | {stats['median_ms']:.2f} | {stats['speedup_of_winattn']:.2f}x | "
-                      f"{saved[name]:.1f} | {errors[name]:.1e} |")
+                      f"{gflops:.1f} | {saved[name]:.1f} | {errors[name]:.1e} |")
+                rows.append(dict(stage=stage, dtype=dtype_name, path=name, flops=flops,
+                                 gflops=gflops, saved_mib=saved[name],
+                                 gradient_error=errors[name], **stats))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(machine=machine, versions=versions, commit=commit,
+                           threads=torch.get_num_threads(), rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
