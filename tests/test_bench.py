@@ -113,3 +113,37 @@ def test_operator_backward_benchmark_checks_both_paths_against_float64():
             assert max(errors.values()) < 1e-5
         else:
             assert 0 < errors["winattn window-order"] < 0.05
+
+
+def test_op_replay_records_each_kernel_and_rebuilds_its_inputs():
+    """benchmarks/replay_ops.py: the dispatch recorder sees every aten call of a pass (the
+    autograd engine's backward included), views are counted but not timed, and each replayed
+    call gets fresh tensors laid out as the recorded ones (strides and offset included)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "replay_ops", root / "benchmarks" / "replay_ops.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    a = torch.randn(6, 8, requires_grad=True)
+    b = torch.randn(5, 8)
+    strided = torch.randn(4, 10)[:, 2:7]  # offset 2, non-contiguous
+    calls = module.record(lambda: (a @ b.t()).relu().sum().backward())
+    names = [module.op_name(func) for func, _, _ in calls]
+    assert "aten.mm" in names and "aten.threshold_backward" in names  # forward and backward
+    spec_ = module.TensorSpec(strided)
+    rebuilt = spec_.make()
+    assert (rebuilt.shape, rebuilt.stride(), rebuilt.storage_offset()) == ((4, 5), (10, 1), 2)
+    assert module.TensorSpec(torch.zeros(3, dtype=torch.long)).make().dtype == torch.long
+
+    timed = module.replay(calls, replays=1)
+    assert len(timed) == sum(name not in module.VIEW_OPS for name in names)
+    assert all(seconds > 0 for _, _, seconds in timed)
+    by_kind = module.group(timed, by_shape=False)
+    assert by_kind["matmul"][1] == names.count("aten.mm")
+    by_shape = module.group(timed, by_shape=True)
+    assert any(key.startswith("aten.mm float32[6, 8]") for key in by_shape)

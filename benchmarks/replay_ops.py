@@ -1,0 +1,235 @@
+"""Where a Swin pass spends its time, op by op, without torch.profiler: every aten op the pass
+dispatches is recorded (a ``TorchDispatchMode``), then each is run again alone on fresh tensors
+of the same shapes, strides and dtypes, best of ``--replays``. Set against the pass's own
+measured time (median; the libraries taking turns), the sum of those isolated times separates
+what the ops cost from what the pass pays around them: caches refilled between ops, page
+faults of fresh buffers, Python and dispatch between calls ("around the ops" below).
+winattn and timm (and torchvision) on the same weights and inputs, in one process.
+
+Why not the profiler: on this 2-core host it slowed a Swin-T bf16 training forward and
+backward from 0.47 to 0.8 s, and single ops inside it by up to 13x (a float32 softmax of Swin-T
+stage 1 ran 1.7 ms alone and averaged 28 ms under the profiler), unevenly, so its split misled.
+
+The isolated times are a floor: each replay finds its inputs in cache. View ops (no kernel)
+are recorded but not timed. Inference runs the model in eval mode without gradients;
+``forward`` and ``backward`` are the two halves of a training step (train mode, cross entropy
+on random labels); bf16 is CPU autocast, as ``winattn bench`` runs it.
+
+    PYTHONPATH=src python benchmarks/replay_ops.py --phase backward --dtype bf16 [--by-shape]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+#: Ops that only make views or read metadata: recorded, counted, never timed.
+VIEW_OPS = frozenset({
+    "aten.alias", "aten.as_strided", "aten.detach", "aten.expand", "aten.permute",
+    "aten.select", "aten.slice", "aten.split", "aten.squeeze", "aten.t", "aten.transpose",
+    "aten.unbind", "aten.unsqueeze", "aten.view", "aten._unsafe_view", "aten.promote_types",
+})
+#: Ops grouped as "matmul" unless --by-shape: the linears and batched matmuls of either library.
+MATMUL_OPS = frozenset({
+    "aten.mm", "aten.bmm", "aten.addmm", "aten.baddbmm", "aten.matmul", "aten.linear",
+    "mkldnn._linear_pointwise",
+})
+
+
+class TensorSpec:
+    """A recorded tensor argument: shape, strides, dtype and storage offset."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.shape, self.stride = tuple(t.shape), t.stride()
+        self.dtype, self.offset = t.dtype, t.storage_offset()
+
+    def make(self) -> torch.Tensor:
+        """A fresh tensor laid out as the recorded one (random floats, zero integers and
+        booleans, so that recorded indices stay in range)."""
+        extent = 1 + self.offset + sum((s - 1) * st for s, st in zip(self.shape, self.stride))
+        if 0 in self.shape:
+            extent = 1 + self.offset
+        if self.dtype.is_floating_point:
+            base = torch.rand(extent, dtype=self.dtype)
+        else:
+            base = torch.zeros(extent, dtype=self.dtype)
+        return base.as_strided(self.shape, self.stride, self.offset)
+
+    def __repr__(self) -> str:
+        name = str(self.dtype).removeprefix("torch.")
+        return f"{name}{list(self.shape)}"
+
+
+class Recorder(TorchDispatchMode):
+    """Records ``(op, args, kwargs)`` of each aten call, tensors as :class:`TensorSpec`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[object, tuple, dict]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        spec = lambda a: TensorSpec(a) if isinstance(a, torch.Tensor) else a  # noqa: E731
+        self.calls.append((func, tree_map(spec, args), tree_map(spec, kwargs)))
+        return func(*args, **kwargs)
+
+
+def record(fn: Callable[[], object]) -> list[tuple[object, tuple, dict]]:
+    """The aten calls ``fn`` makes on this thread (the CPU autograd engine's backward included
+    when ``fn`` calls ``backward``)."""
+    recorder = Recorder()
+    with recorder:
+        fn()
+    return recorder.calls
+
+
+def op_name(func: object) -> str:
+    return str(getattr(func, "overloadpacket", func))
+
+
+Call = tuple[object, tuple, dict]
+
+
+def replay(calls: list[Call], replays: int = 3) -> list[tuple[str, str, float]]:
+    """``(op, first tensor argument, best seconds)`` for each recorded call that is not a
+    view, run alone on fresh tensors; a call that cannot be rebuilt raises."""
+    make = lambda a: a.make() if isinstance(a, TensorSpec) else a  # noqa: E731
+    timed = []
+    for func, args, kwargs in calls:
+        name = op_name(func)
+        if name in VIEW_OPS:
+            continue
+        real_args, real_kwargs = tree_map(make, args), tree_map(make, kwargs)
+        best = float("inf")
+        for _ in range(replays):
+            start = time.perf_counter()
+            func(*real_args, **real_kwargs)
+            best = min(best, time.perf_counter() - start)
+        first = next((a for a in args if isinstance(a, TensorSpec)), "")
+        timed.append((name, repr(first), best))
+    return timed
+
+
+def group(timed: list[tuple[str, str, float]], by_shape: bool) -> dict[str, tuple[float, int]]:
+    """Milliseconds and calls per op kind (matmuls together), or per op and first input."""
+    totals: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    for name, first, seconds in timed:
+        key = f"{name} {first}" if by_shape else ("matmul" if name in MATMUL_OPS else name)
+        totals[key][0] += seconds * 1e3
+        totals[key][1] += 1
+    return {key: (ms, calls) for key, (ms, calls) in totals.items()}
+
+
+def _pass(peer, x, y, phase: str, dtype: str):
+    """(prepare, timed): ``timed()`` runs the pass to measure, after ``prepare()``."""
+    from winattn.cli.bench_cases import autocast_context
+
+    state: dict[str, torch.Tensor] = {}
+
+    def forward():
+        with autocast_context(dtype):
+            state["loss"] = F.cross_entropy(peer.logits(x).float(), y)
+
+    def backward():
+        state.pop("loss").backward()
+        peer.model.zero_grad(set_to_none=True)
+
+    if phase == "inference":
+        peer.model.eval()
+
+        def infer():
+            with torch.no_grad(), autocast_context(dtype):
+                peer.logits(x)
+
+        return (lambda: None), infer
+    peer.model.train()
+    if phase == "forward":
+        return (lambda: None), forward
+    return forward, backward
+
+
+def measure(passes: dict[str, tuple[Callable, Callable]], repeats: int) -> dict[str, float]:
+    """Median milliseconds of each library's timed pass (after its ``prepare``), the libraries
+    taking turns, the order rotating each round, after two warm-up rounds."""
+    names = list(passes)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats + 2):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            prepare, timed = passes[name]
+            prepare()
+            start = time.perf_counter()
+            timed()
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="swin_tiny_patch4_window7_224")
+    parser.add_argument("--peers", nargs="+", default=["timm"], choices=["timm", "torchvision"])
+    parser.add_argument("--phase", choices=["inference", "forward", "backward"],
+                        default="backward")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=7, help="timed passes (median)")
+    parser.add_argument("--replays", type=int, default=3, help="runs of each op alone (best)")
+    parser.add_argument("--by-shape", action="store_true", help="one row per op and input")
+    parser.add_argument("--top", type=int, default=25, help="rows shown")
+    args = parser.parse_args()
+
+    from winattn.cli.bench_cases import build_peers, image_size
+
+    torch.manual_seed(0)
+    peers, notes = build_peers(args.model, args.peers)
+    side = image_size(args.model)
+    x = torch.randn(args.batch, 3, side, side)
+    y = torch.randint(0, 1000, (args.batch,))
+    passes = {name: _pass(peer, x, y, args.phase, args.dtype) for name, peer in peers.items()}
+    measured = measure(passes, args.repeats)
+    results = {}
+    for name, (prepare, timed) in passes.items():
+        prepare()
+        calls = record(timed)
+        by_kind = group(replay(calls, args.replays), args.by_shape)
+        results[name] = (measured[name], len(calls), by_kind)
+
+    names = list(results)
+    print(f"\n{args.model}, {args.phase}, {args.dtype}, batch {args.batch}, "
+          f"{torch.get_num_threads()} threads; {torch.__version__}")
+    for peer, note in notes.items():
+        print(f"note: {peer}: {note}")
+    print("| | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    print("| measured pass, ms (median) | "
+          + " | ".join(f"{results[n][0]:.1f}" for n in names) + " |")
+    isolated = {n: sum(ms for ms, _ in results[n][2].values()) for n in names}
+    print("| ops alone, ms (sum of best) | " + " | ".join(f"{isolated[n]:.1f}" for n in names)
+          + " |")
+    print("| around the ops, ms | "
+          + " | ".join(f"{results[n][0] - isolated[n]:.1f}" for n in names) + " |")
+    print("| aten calls (views included) | " + " | ".join(str(results[n][1]) for n in names)
+          + " |")
+    keys = sorted({k for n in names for k in results[n][2]},
+                  key=lambda k: -max(results[n][2].get(k, (0.0, 0))[0] for n in names))
+    print("\n| op | " + " | ".join(f"{n} ms (calls)" for n in names) + " |")
+    print("|---|" + "---|" * len(names))
+    for key in keys[: args.top]:
+        cells = []
+        for n in names:
+            ms, count = results[n][2].get(key, (0.0, 0))
+            cells.append(f"{ms:.1f} ({count})" if count else "-")
+        print(f"| {key} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
