@@ -9,7 +9,7 @@ CPU; float32 always takes SDPA);
 linears as ``nn.Linear`` runs them). Training (``--train``, batch 8): ``default``, ``no-flush``
 (subnormal probabilities left to the softmax), ``onednn-bwd`` / ``blas-bwd`` (float32
 backward matmuls through oneDNN, or the BLAS). Prints medians and each variant's median over
-the default's (above 1: the default is faster). These are the A/B figures docs/performance.md
+the default's (above 1: the default is faster). These are the A/B figures docs/fast-path.md
 quotes; the defaults follow ``cpu_has_amx()``, so rerun this on a new CPU before trusting them.
 
     PYTHONPATH=src python benchmarks/ablate_cpu_choices.py --dtype bf16 fp32 --batch 1 8 --train

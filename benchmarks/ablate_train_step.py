@@ -9,7 +9,7 @@ the parameters, as ``winattn bench`` gives both libraries); the fused variant st
 model with a second, fused AdamW. Both models carry the same timm weights; drop path is off in
 both. Prints the median milliseconds of each part and each variant's step time over winattn's
 default (above 1: the default is faster), and the activation memory (bytes autograd saves in
-one forward). These are the A/B figures docs/performance.md quotes for the first stage's
+one forward). These are the A/B figures docs/fast-path.md (item 5) quotes for the first stage's
 recomputation and the bf16 step split.
 
     PYTHONPATH=src python benchmarks/ablate_train_step.py --dtype fp32 bf16 --repeats 11

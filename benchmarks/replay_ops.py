@@ -10,10 +10,12 @@ Why not the profiler: on this 2-core host it slowed a Swin-T bf16 training forwa
 backward from 0.47 to 0.8 s, and single ops inside it by up to 13x (a float32 softmax of Swin-T
 stage 1 ran 1.7 ms alone and averaged 28 ms under the profiler), unevenly, so its split misled.
 
-The isolated times are a floor: each replay finds its inputs in cache. View ops (no kernel)
-are recorded but not timed. Inference runs the model in eval mode without gradients;
-``forward`` and ``backward`` are the two halves of a training step (train mode, cross entropy
-on random labels); bf16 is CPU autocast, as ``winattn bench`` runs it.
+Each call is also timed where it runs in the recorded pass (the recording slows the pass
+between calls, not inside them), so the table shows per op what the pass makes it cost against
+what it costs alone. The isolated times are a floor: each replay finds its inputs in cache.
+View ops (no kernel) are recorded but not timed. Inference runs the model in eval mode
+without gradients; ``forward`` and ``backward`` are the two halves of a training step (train
+mode, cross entropy on random labels); bf16 is CPU autocast, as ``winattn bench`` runs it.
 
     PYTHONPATH=src python benchmarks/replay_ops.py --phase backward --dtype bf16 [--by-shape]
 """
@@ -48,12 +50,18 @@ class TensorSpec:
     """A recorded tensor argument: shape, strides, dtype and storage offset."""
 
     def __init__(self, t: torch.Tensor) -> None:
-        self.shape, self.stride = tuple(t.shape), t.stride()
-        self.dtype, self.offset = t.dtype, t.storage_offset()
+        self.shape, self.dtype = tuple(t.shape), t.dtype
+        # oneDNN's opaque tensors (the bf16 weights fused.py reorders once) have no strides to
+        # copy; the replay reuses them, as the model does on every call.
+        self.opaque = t if t.is_mkldnn else None
+        if self.opaque is None:
+            self.stride, self.offset = t.stride(), t.storage_offset()
 
     def make(self) -> torch.Tensor:
         """A fresh tensor laid out as the recorded one (random floats, zero integers and
-        booleans, so that recorded indices stay in range)."""
+        booleans, so that recorded indices stay in range); an opaque one as recorded."""
+        if self.opaque is not None:
+            return self.opaque
         extent = 1 + self.offset + sum((s - 1) * st for s, st in zip(self.shape, self.stride))
         if 0 in self.shape:
             extent = 1 + self.offset
@@ -68,21 +76,28 @@ class TensorSpec:
         return f"{name}{list(self.shape)}"
 
 
+Call = tuple[object, tuple, dict, float]
+
+
 class Recorder(TorchDispatchMode):
-    """Records ``(op, args, kwargs)`` of each aten call, tensors as :class:`TensorSpec`."""
+    """Records ``(op, args, kwargs, seconds)`` of each aten call, tensors as
+    :class:`TensorSpec`, ``seconds`` the call's own time where it ran in the pass."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.calls: list[tuple[object, tuple, dict]] = []
+        self.calls: list[Call] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        start = time.perf_counter()
+        out = func(*args, **kwargs)
+        seconds = time.perf_counter() - start
         spec = lambda a: TensorSpec(a) if isinstance(a, torch.Tensor) else a  # noqa: E731
-        self.calls.append((func, tree_map(spec, args), tree_map(spec, kwargs)))
-        return func(*args, **kwargs)
+        self.calls.append((func, tree_map(spec, args), tree_map(spec, kwargs), seconds))
+        return out
 
 
-def record(fn: Callable[[], object]) -> list[tuple[object, tuple, dict]]:
+def record(fn: Callable[[], object]) -> list[Call]:
     """The aten calls ``fn`` makes on this thread (the CPU autograd engine's backward included
     when ``fn`` calls ``backward``)."""
     recorder = Recorder()
@@ -95,15 +110,16 @@ def op_name(func: object) -> str:
     return str(getattr(func, "overloadpacket", func))
 
 
-Call = tuple[object, tuple, dict]
+Timed = tuple[str, str, float, float]
 
 
-def replay(calls: list[Call], replays: int = 3) -> list[tuple[str, str, float]]:
-    """``(op, first tensor argument, best seconds)`` for each recorded call that is not a
-    view, run alone on fresh tensors; a call that cannot be rebuilt raises."""
+def replay(calls: list[Call], replays: int = 3) -> list[Timed]:
+    """``(op, first tensor argument, seconds in the pass, best seconds alone)`` for each
+    recorded call that is not a view, run again alone on fresh tensors; a call that cannot be
+    rebuilt raises."""
     make = lambda a: a.make() if isinstance(a, TensorSpec) else a  # noqa: E731
     timed = []
-    for func, args, kwargs in calls:
+    for func, args, kwargs, in_pass in calls:
         name = op_name(func)
         if name in VIEW_OPS:
             continue
@@ -114,18 +130,20 @@ def replay(calls: list[Call], replays: int = 3) -> list[tuple[str, str, float]]:
             func(*real_args, **real_kwargs)
             best = min(best, time.perf_counter() - start)
         first = next((a for a in args if isinstance(a, TensorSpec)), "")
-        timed.append((name, repr(first), best))
+        timed.append((name, repr(first), in_pass, best))
     return timed
 
 
-def group(timed: list[tuple[str, str, float]], by_shape: bool) -> dict[str, tuple[float, int]]:
-    """Milliseconds and calls per op kind (matmuls together), or per op and first input."""
-    totals: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
-    for name, first, seconds in timed:
+def group(timed: list[Timed], by_shape: bool) -> dict[str, tuple[float, float, int]]:
+    """Milliseconds in the pass, milliseconds alone and calls, per op kind (matmuls
+    together), or per op and first input."""
+    totals: dict[str, list] = collections.defaultdict(lambda: [0.0, 0.0, 0])
+    for name, first, in_pass, alone in timed:
         key = f"{name} {first}" if by_shape else ("matmul" if name in MATMUL_OPS else name)
-        totals[key][0] += seconds * 1e3
-        totals[key][1] += 1
-    return {key: (ms, calls) for key, (ms, calls) in totals.items()}
+        totals[key][0] += in_pass * 1e3
+        totals[key][1] += alone * 1e3
+        totals[key][2] += 1
+    return {key: tuple(values) for key, values in totals.items()}
 
 
 def _pass(peer, x, y, phase: str, dtype: str):
@@ -205,29 +223,32 @@ def main() -> None:
 
     names = list(results)
     print(f"\n{args.model}, {args.phase}, {args.dtype}, batch {args.batch}, "
-          f"{torch.get_num_threads()} threads; {torch.__version__}")
+          f"{torch.get_num_threads()} threads; torch {torch.__version__}")
     for peer, note in notes.items():
         print(f"note: {peer}: {note}")
-    print("| | " + " | ".join(names) + " |")
+    in_pass = {n: sum(v[0] for v in results[n][2].values()) for n in names}
+    alone = {n: sum(v[1] for v in results[n][2].values()) for n in names}
+
+    def row(label: str, values: dict[str, float], fmt: str = "{:.1f}") -> None:
+        print(f"| {label} | " + " | ".join(fmt.format(values[n]) for n in names) + " |")
+
+    print("\n| | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
-    print("| measured pass, ms (median) | "
-          + " | ".join(f"{results[n][0]:.1f}" for n in names) + " |")
-    isolated = {n: sum(ms for ms, _ in results[n][2].values()) for n in names}
-    print("| ops alone, ms (sum of best) | " + " | ".join(f"{isolated[n]:.1f}" for n in names)
-          + " |")
-    print("| around the ops, ms | "
-          + " | ".join(f"{results[n][0] - isolated[n]:.1f}" for n in names) + " |")
-    print("| aten calls (views included) | " + " | ".join(str(results[n][1]) for n in names)
-          + " |")
+    row("measured pass, ms (median)", {n: results[n][0] for n in names})
+    row("ops in the recorded pass, ms", in_pass)
+    row("ops alone, ms (sum of best)", alone)
+    row("around the ops, ms (measured - alone)", {n: results[n][0] - alone[n] for n in names})
+    row("aten calls (views included)", {n: results[n][1] for n in names}, "{}")
     keys = sorted({k for n in names for k in results[n][2]},
-                  key=lambda k: -max(results[n][2].get(k, (0.0, 0))[0] for n in names))
-    print("\n| op | " + " | ".join(f"{n} ms (calls)" for n in names) + " |")
+                  key=lambda k: -max(results[n][2].get(k, (0.0, 0.0, 0))[0] for n in names))
+    print("\nms in the pass / ms alone (calls)\n")
+    print("| op | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     for key in keys[: args.top]:
         cells = []
         for n in names:
-            ms, count = results[n][2].get(key, (0.0, 0))
-            cells.append(f"{ms:.1f} ({count})" if count else "-")
+            ms_pass, ms_alone, count = results[n][2].get(key, (0.0, 0.0, 0))
+            cells.append(f"{ms_pass:.1f} / {ms_alone:.1f} ({count})" if count else "-")
         print(f"| {key} | " + " | ".join(cells) + " |")
 
 

@@ -1,6 +1,6 @@
 """The CPU-specific choices follow the CPU: bf16 inference in window groups on matmul attention
 without AMX, whole stages on SDPA with it; float32 backward matmuls through oneDNN without AMX,
-the BLAS with it (docs/performance.md has the measurements behind each). Whichever CPU runs
+the BLAS with it (docs/fast-path.md has the measurements behind each). Whichever CPU runs
 the tests, both branches are exercised by setting ``cpu_has_amx``."""
 
 from __future__ import annotations

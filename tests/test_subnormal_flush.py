@@ -1,6 +1,6 @@
 """The float32 softmax of the matmul attention flushes subnormal probabilities to zero, and
 changes nothing else: Swin's -100 between shift regions puts logits where exp() is subnormal,
-which is slow on x86 CPUs (docs/performance.md), so ``_probabilities`` sets them to -inf first.
+which is slow on x86 CPUs (docs/fast-path.md, item 8), so ``_probabilities`` sets them to -inf first.
 """
 
 from __future__ import annotations

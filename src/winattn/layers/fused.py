@@ -289,7 +289,7 @@ def infer_linear(
     """``x @ weight.T + bias`` (then exact GELU) in one oneDNN call, nothing else, for
     :func:`inference_weights`' tensors where :func:`inference_ready` holds (each Python step
     between two oneDNN calls measured dearer inside a forward than on its own:
-    docs/performance.md, item 12)."""
+    docs/fast-path.md, item 12)."""
     if gelu:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")

@@ -281,7 +281,7 @@ class SwinBlock(nn.Module):
         as soon as it is used (the normalised input before attention, the qkv buffer before
         the projection's output is made). Swin-T bf16 measured 1.06-1.08x faster at batch 1
         and 1.03-1.055x at batch 8 than through the general functions, which check per call
-        (docs/performance.md, item 12)."""
+        (docs/fast-path.md, item 12)."""
         attn, mlp = self.attn, self.mlp
         (w_qkv, b_qkv), (w_proj, b_proj), (w_fc1, b_fc1), (w_fc2, b_fc2) = (
             fused.inference_weights(self, (attn.qkv, attn.proj, mlp.fc1, mlp.fc2), x.dtype)
@@ -554,7 +554,7 @@ class SwinTransformer(SwinBackbone):
         # The first stage holds the most activations per FLOP (tokens x width halves at each
         # stage while the FLOPs per block stay level): there, training recomputes the MLP's
         # hidden layer, in chunks. Swin-T, batch 8: activations 446 -> 373 MiB at about the
-        # same step time (paired runs: 3% faster to 5% slower; docs/performance.md).
+        # same step time (paired runs: 3% faster to 5% slower; docs/fast-path.md, item 5).
         for block in stages[0].blocks:
             block.recompute_mlp_hidden = True
         self.norm = nn.LayerNorm(self.num_features)
