@@ -147,3 +147,29 @@ def test_op_replay_records_each_kernel_and_rebuilds_its_inputs():
     assert by_kind["matmul"][2] == names.count("aten.mm")
     by_shape = module.group(timed, by_shape=True)
     assert any(key.startswith("aten.mm float32[6, 8]") for key in by_shape)
+
+
+def test_report_shows_unmeasured_memory_as_a_dash(tmp_path):
+    """``winattn bench --no-memory`` leaves the RSS cells empty: "-", never "nan"."""
+    from winattn.cli.bench_report import write_markdown
+
+    def peer(ms, memory):
+        return {"median_ms": ms, "speedup_of_winattn": 1.0, "activation_mib": 10.0,
+                "memory": memory}
+
+    results = {
+        "machine": {"cpu_model": "cpu", "logical_cpus": 2, "torch_threads": 2, "isa": [],
+                    "load_average": (0.0, 0.0, 0.0)},
+        "versions": {"torch": torch.__version__}, "commit": "abc", "command": "bench",
+        "preset": "default", "peak_gflops": {"fp32": 1.0, "bf16": 1.0}, "copy_gbps": 1.0,
+        "training": [
+            {"model": "swin_tiny_patch4_window7_224", "dtype": "fp32",
+             "peers": {"winattn": peer(10.0, {}),
+                       "timm": peer(20.0, {"peak_rss_mib": 1500.4,
+                                           "peak_over_baseline_mib": 700.6})}},
+        ],
+    }
+    text = write_markdown(results, tmp_path / "results.md")
+    rows = [line for line in text.splitlines() if line.startswith("| Swin-T | fp32")]
+    assert rows[0].endswith("| 10 | - | - |") and rows[1].endswith("| 10 | 1500 | 701 |")
+    assert "nan" not in text

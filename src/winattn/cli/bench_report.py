@@ -14,6 +14,13 @@ def _paths(peaks: dict, dtype: str) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
+def _mib(memory: dict, key: str) -> str:
+    """A memory cell: MiB, or "-" where it was not measured (``--no-memory``, or a failed
+    subprocess)."""
+    value = memory.get(key)
+    return "-" if value is None or value != value else f"{value:.0f}"
+
+
 def _ratio(stats: dict) -> str:
     return f"{stats['speedup_of_winattn']:.2f}x"
 
@@ -73,8 +80,7 @@ def write_markdown(results: dict, path: Path) -> str:
                 lines.append(
                     f"| {SHORT.get(row['model'], row['model'])} | {row['dtype']} | {name} | "
                     f"{s['median_ms']:.0f} | {_ratio(s)} | {s['activation_mib']:.0f} | "
-                    f"{mem.get('peak_rss_mib', float('nan')):.0f} | "
-                    f"{mem.get('peak_over_baseline_mib', float('nan')):.0f} |")
+                    f"{_mib(mem, 'peak_rss_mib')} | {_mib(mem, 'peak_over_baseline_mib')} |")
         lines.append("")
     if results.get("features"):
         lines += ["## Feature extraction (forward_features, batch 1, float32)", "",
@@ -88,7 +94,7 @@ def write_markdown(results: dict, path: Path) -> str:
                                                   " (padding differs by design)"))
                 lines.append(
                     f"| {row['resolution']}x{row['resolution']} | {name} | {s['median_ms']:.0f} | "
-                    f"{_ratio(s)} | {mem.get('peak_over_baseline_mib', float('nan')):.0f} | {diff} |")
+                    f"{_ratio(s)} | {_mib(mem, 'peak_over_baseline_mib')} | {diff} |")
         lines.append("")
     if results.get("operator"):
         lines += ["## The operator alone (batch 8, window 7, shift 3, bias; head_dim 32)", "",
