@@ -203,7 +203,10 @@ def main() -> None:
     parser.add_argument("--replays", type=int, default=3, help="runs of each op alone (best)")
     parser.add_argument("--by-shape", action="store_true", help="one row per op and input")
     parser.add_argument("--top", type=int, default=25, help="rows shown")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from winattn.cli.bench_cases import build_peers, image_size
 
