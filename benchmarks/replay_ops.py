@@ -225,8 +225,15 @@ def main() -> None:
         results[name] = (measured[name], len(calls), by_kind)
 
     names = list(results)
+    from winattn.cli.bench_cases import git_commit, machine_info, versions
+
+    machine = machine_info()
     print(f"\n{args.model}, {args.phase}, {args.dtype}, batch {args.batch}, "
-          f"{torch.get_num_threads()} threads; torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads")
+    print(f"machine: {machine['cpu_model']}, {machine['logical_cpus']} logical CPUs, ISA "
+          f"{', '.join(machine['isa'])}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items() if v))
+    print(f"commit: {git_commit()}")
     for peer, note in notes.items():
         print(f"note: {peer}: {note}")
     in_pass = {n: sum(v[0] for v in results[n][2].values()) for n in names}
