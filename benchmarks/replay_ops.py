@@ -33,6 +33,16 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
+from winattn.cli.bench_cases import (
+    autocast_context,
+    build_peers,
+    git_commit,
+    image_size,
+    machine_info,
+    time_interleaved,
+    versions,
+)
+
 #: Ops that only make views or read metadata: recorded, counted, never timed.
 VIEW_OPS = frozenset({
     "aten.alias", "aten.as_strided", "aten.detach", "aten.expand", "aten.permute",
@@ -148,8 +158,6 @@ def group(timed: list[Timed], by_shape: bool) -> dict[str, tuple[float, float, i
 
 def _pass(peer, x, y, phase: str, dtype: str):
     """(prepare, timed): ``timed()`` runs the pass to measure, after ``prepare()``."""
-    from winattn.cli.bench_cases import autocast_context
-
     state: dict[str, torch.Tensor] = {}
 
     def forward():
@@ -175,19 +183,14 @@ def _pass(peer, x, y, phase: str, dtype: str):
 
 
 def measure(passes: dict[str, tuple[Callable, Callable]], repeats: int) -> dict[str, float]:
-    """Median milliseconds of each library's timed pass (after its ``prepare``), the libraries
-    taking turns, the order rotating each round, after two warm-up rounds."""
-    names = list(passes)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(repeats + 2):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            prepare, timed = passes[name]
-            prepare()
-            start = time.perf_counter()
-            timed()
-            if round_ >= 2:
-                times[name].append(time.perf_counter() - start)
+    """Median milliseconds of each library's timed pass (its ``prepare`` untimed before it),
+    the libraries taking turns as ``winattn bench`` times them, after two warm-up rounds."""
+    times = time_interleaved(
+        {name: timed for name, (_, timed) in passes.items()},
+        warmup=2,
+        repeats=repeats,
+        setup={name: prepare for name, (prepare, _) in passes.items()},
+    )
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
@@ -208,8 +211,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from winattn.cli.bench_cases import build_peers, image_size
-
     torch.manual_seed(0)
     peers, notes = build_peers(args.model, args.peers)
     side = image_size(args.model)
@@ -225,8 +226,6 @@ def main() -> None:
         results[name] = (measured[name], len(calls), by_kind)
 
     names = list(results)
-    from winattn.cli.bench_cases import git_commit, machine_info, versions
-
     machine = machine_info()
     print(f"\n{args.model}, {args.phase}, {args.dtype}, batch {args.batch}, "
           f"{torch.get_num_threads()} threads")

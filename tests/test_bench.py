@@ -173,3 +173,16 @@ def test_report_shows_unmeasured_memory_as_a_dash(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| Swin-T | fp32")]
     assert rows[0].endswith("| 10 | - | - |") and rows[1].endswith("| 10 | 1500 | 701 |")
     assert "nan" not in text
+
+
+def test_interleaved_setup_runs_untimed_before_each_call():
+    """``time_interleaved(..., setup=)``: each function's setup runs right before each of its
+    calls (warm-up included) and outside the timed span (replay_ops times a backward so)."""
+    import time as clock
+
+    calls = []
+    fns = {"w": lambda: calls.append("w"), "p": lambda: calls.append("p")}
+    setup = {"w": lambda: (calls.append("setup w"), clock.sleep(0.05))}
+    times = time_interleaved(fns, 1, 2, setup=setup)
+    assert calls == ["setup w", "w", "p", "p", "setup w", "w", "setup w", "w", "p"]
+    assert max(times["w"]) < 0.05

@@ -63,18 +63,24 @@ def autocast_context(dtype: str) -> contextlib.AbstractContextManager:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], warmup: int, repeats: int
+    fns: dict[str, Callable[[], object]],
+    warmup: int,
+    repeats: int,
+    setup: dict[str, Callable[[], object]] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each function, the functions taking turns so that a change in the
     machine's load hits them all alike. The order rotates by one each round, so that each
     function follows each other one equally often: what ran just before a call (its cache
     and heap state) changes its time by a few percent on the CPUs measured, and a fixed order
-    would hand that to the same function every time."""
+    would hand that to the same function every time. ``setup[name]``, where given, runs
+    untimed right before each call of ``fns[name]`` (a forward before a timed backward)."""
     names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(warmup + repeats):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
+            if setup and name in setup:
+                setup[name]()
             start = time.perf_counter()
             fns[name]()
             if round_ >= warmup:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .bench_cases import SHORT
@@ -18,7 +19,7 @@ def _mib(memory: dict, key: str) -> str:
     """A memory cell: MiB, or "-" where it was not measured (``--no-memory``, or a failed
     subprocess)."""
     value = memory.get(key)
-    return "-" if value is None or value != value else f"{value:.0f}"
+    return "-" if value is None or math.isnan(value) else f"{value:.0f}"
 
 
 def _ratio(stats: dict) -> str:

@@ -255,8 +255,8 @@ def cpu_has_amx() -> bool:
 
 def prefers_matmuls(q: torch.Tensor) -> bool:
     """Whether :func:`explicit_attention` beats SDPA for q: bfloat16 on a CPU without AMX
-    (measured in docs/fast-path.md, items 6 and 9: there SDPA's bf16 kernel is slower than its float32 one;
-    with AMX it is the faster, and float32 stays with SDPA everywhere)."""
+    (measured in docs/fast-path.md, items 6 and 9: there SDPA's bf16 kernel is slower than its
+    float32 one; with AMX it is the faster, and float32 stays with SDPA everywhere)."""
     return q.device.type == "cpu" and q.dtype == torch.bfloat16 and not cpu_has_amx()
 
 
