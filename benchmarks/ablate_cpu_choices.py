@@ -22,6 +22,7 @@ import statistics
 
 import torch
 
+from winattn.cli.argtypes import non_negative_int, positive_int
 from winattn.cli.bench_cases import autocast_context, build_peers, time_interleaved, train_step_fn
 from winattn.layers import attention, fused
 from winattn.models import swin
@@ -89,9 +90,9 @@ def _table(title: str, times: dict[str, list[float]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["bf16"])
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=11)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=positive_int, default=11)
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
     parser.add_argument("--train", action="store_true", help="also A/B the training step")
     args = parser.parse_args()
 

@@ -62,14 +62,15 @@ def run(spec: dict) -> dict:
 
 
 def main() -> None:
+    from winattn.cli.argtypes import non_negative_int, positive_int
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     parser.add_argument("--library", nargs="+", choices=["winattn", "timm"],
                         default=["winattn", "timm"])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument("--steps", type=positive_int, default=5)
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -24,6 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from winattn.cli.argtypes import non_negative_int, positive_int
 from winattn.cli.bench_cases import autocast_context, build_peers, saved_activation_bytes
 
 VARIANTS = {"none": (), "stage 1 (default)": (0,), "stages 1-2": (0, 1)}
@@ -33,9 +34,9 @@ FUSED = "stage 1, fused AdamW"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=11)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--repeats", type=positive_int, default=11)
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
     args = parser.parse_args()
 
     torch.manual_seed(0)

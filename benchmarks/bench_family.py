@@ -30,6 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import winattn  # noqa: E402
+from winattn.cli.argtypes import non_negative_int, positive_int  # noqa: E402
 from winattn.ops.backends.reference import token_geometry  # noqa: E402
 from winattn.ops.family_reference import neighborhood_1d  # noqa: E402
 from winattn.ops.geometry import SHIFT_REGION_PENALTY  # noqa: E402
@@ -282,12 +283,12 @@ def machine_info(threads: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=32)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--batch", type=positive_int, default=2)
+    parser.add_argument("--heads", type=positive_int, default=4)
+    parser.add_argument("--head-dim", type=positive_int, default=32)
+    parser.add_argument("--warmup", type=non_negative_int, default=1)
+    parser.add_argument("--repeat", type=positive_int, default=7)
     parser.add_argument("--backward", action="store_true", help="time forward + backward")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import winattn
+from winattn.cli.argtypes import non_negative_int, positive_int
 from winattn.ops import plan_windows
 
 # Swin-T stages at 224: (name, grid, heads); head_dim 32, window 7, shift 3.
@@ -203,10 +204,10 @@ def environment(device: torch.device | None = None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=positive_int, default=64)
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES))
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--warmup", type=non_negative_int, default=10)
+    parser.add_argument("--repeats", type=positive_int, default=50)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if not torch.cuda.is_available():

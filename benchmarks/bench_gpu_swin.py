@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from bench_gpu_op import environment  # this folder (a script's own folder is on sys.path)
 
+from winattn.cli.argtypes import non_negative_int, positive_int
 from winattn.cli.bench_cases import build_peers
 
 MODELS = ("swin_tiny_patch4_window7_224", "swin_base_patch4_window7_224")
@@ -126,12 +127,12 @@ def training_fn(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--batch", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[64, 128])
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd entries")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="batch 2, one repeat: a dry run")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=non_negative_int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=20)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     device = torch.device(args.device)

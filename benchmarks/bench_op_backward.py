@@ -25,6 +25,7 @@ import json
 import torch
 
 from winattn.cli import bench_cases as cases
+from winattn.cli.argtypes import non_negative_int, positive_int
 from winattn.cli.bench import _peer_window_path
 from winattn.ops import plan_windows
 from winattn.ops.backends.sdpa import attend_qkv, combine_mask
@@ -125,8 +126,8 @@ def _check(side: int, heads: int, dtype_name: str, calls) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=15)
+    parser.add_argument("--warmup", type=non_negative_int, default=3)
     parser.add_argument("--json", help="also write the rows, machine and versions here")
     args = parser.parse_args()
     machine, versions, commit = cases.machine_info(), cases.versions(), cases.git_commit()

@@ -32,6 +32,7 @@ import torch
 
 import winattn
 from winattn.cli import bench_cases as cases
+from winattn.cli.argtypes import non_negative_int, positive_int
 
 
 def build(name: str, peer_names: list[str]) -> dict[str, cases.Peer]:
@@ -71,13 +72,14 @@ def main() -> int:
                         choices=[n for n in winattn.list_models() if cases.is_v2(n)])
     parser.add_argument("--peers", nargs="+", default=["timm", "torchvision"],
                         choices=["timm", "torchvision"])
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--batches", nargs="+", type=positive_int, default=[1, 8])
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=positive_int, default=9)
+    parser.add_argument("--warmup", type=non_negative_int, default=1)
     parser.add_argument("--train", action="store_true", help="also time a training step")
-    parser.add_argument("--train-repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--train-repeats", type=positive_int, default=7)
+    parser.add_argument("--threads", type=positive_int,
+                        help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", type=Path, help="folder for results.json and results.md")
     args = parser.parse_args()
     if args.threads:

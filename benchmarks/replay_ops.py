@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
+from winattn.cli.argtypes import positive_int
 from winattn.cli.bench_cases import (
     autocast_context,
     build_peers,
@@ -201,12 +202,13 @@ def main() -> None:
     parser.add_argument("--phase", choices=["inference", "forward", "backward"],
                         default="backward")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=7, help="timed passes (median)")
-    parser.add_argument("--replays", type=int, default=3, help="runs of each op alone (best)")
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--repeats", type=positive_int, default=7, help="timed passes (median)")
+    parser.add_argument("--replays", type=positive_int, default=3,
+                        help="runs of each op alone (best)")
     parser.add_argument("--by-shape", action="store_true", help="one row per op and input")
-    parser.add_argument("--top", type=int, default=25, help="rows shown")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--top", type=positive_int, default=25, help="rows shown")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -144,6 +144,31 @@ def test_bad_arguments_name_the_argument_and_value(tmp_path, capsys):
     assert "lr: expected a positive number, got -1.0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["bench", "--repeats", "0"], "--repeats: expected a positive integer, got '0'"),
+    (["bench", "--threads", "-1"], "--threads: expected a positive integer, got '-1'"),
+    (["bench", "--repeats", "many"], "--repeats: expected a positive integer, got 'many'"),
+    (["train", "--model", "tiny_test", "--workers", "-1"],
+     "--workers: expected an integer >= 0, got '-1'"),
+])
+def test_counts_out_of_range_are_refused_before_anything_runs(args, message, capsys):
+    # bench used to start a run with --repeats 0 (no timed call, medians of nothing) or
+    # --threads 0; the parser now stops with the argument, the value and what it expects.
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_benchmark_scripts_refuse_counts_out_of_range():
+    script = SRC.parent / "benchmarks" / "replay_ops.py"
+    done = subprocess.run([sys.executable, str(script), "--replays", "0"],
+                          env=dict(os.environ, PYTHONPATH=str(SRC)),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--replays: expected a positive integer, got '0'" in done.stderr
+
+
 # ---- signals and kills (subprocesses) -----------------------------------------------------------
 def _env(**extra):
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SRC), **extra)

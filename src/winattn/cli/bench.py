@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import winattn
 
 from . import bench_cases as cases
+from .argtypes import positive_int
 from .bench_report import write_markdown, write_plot
 
 PRESETS = {
@@ -62,8 +63,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--peers", nargs="+", default=["timm", "torchvision", "transformers"],
                         choices=["timm", "torchvision", "transformers"])
-    parser.add_argument("--repeats", type=int, help="timed calls per case (preset's otherwise)")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--repeats", type=positive_int,
+                        help="timed calls per case (preset's otherwise)")
+    parser.add_argument("--threads", type=positive_int,
+                        help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the RSS subprocesses")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
 

@@ -12,17 +12,8 @@ import sys
 import warnings
 from collections.abc import Sequence
 
+from winattn.cli.argtypes import non_negative_int, positive_int
 from winattn.data.folder import DataError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
@@ -34,9 +25,9 @@ def _add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
         p.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="share held out for validation when there is no val set (default 0.2)")
-    p.add_argument("--img-size", type=_positive_int, default=None, help="input resolution")
-    p.add_argument("--epochs", type=_positive_int, default=None if demo else 10)
-    p.add_argument("--batch-size", type=_positive_int, default=None if demo else 64,
+    p.add_argument("--img-size", type=positive_int, default=None, help="input resolution")
+    p.add_argument("--epochs", type=positive_int, default=None if demo else 10)
+    p.add_argument("--batch-size", type=positive_int, default=None if demo else 64,
                    help="GLOBAL batch size, split evenly over torchrun processes")
     p.add_argument("--lr", type=float, default=None if demo else 1e-3, help="peak learning rate")
     p.add_argument("--min-lr", type=float, default=1e-6)
@@ -57,13 +48,14 @@ def _add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="resume from OUT/last.pt, or from the given checkpoint")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--workers", type=non_negative_int, default=0,
+                   help="DataLoader worker processes")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--threads", type=_positive_int, default=1 if demo else None,
+    p.add_argument("--threads", type=positive_int, default=1 if demo else None,
                    help="CPU threads per process for torch ops (default: " +
                    ("1: the demo model's ops are too small to gain from more, and extra threads "
                     "spin badly on a busy machine)" if demo else "torch's choice)"))
-    p.add_argument("--max-steps-per-epoch", type=_positive_int, default=None)
+    p.add_argument("--max-steps-per-epoch", type=positive_int, default=None)
     p.add_argument("--malloc-tuning", action=argparse.BooleanOptionalAction, default=True,
                    help="keep freed heap memory for the next step instead of returning it to "
                    "the kernel (glibc; left alone when MALLOC_* variables or another allocator "
@@ -121,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="'digits', folder or CSV; default: the checkpoint's own validation split")
     p.add_argument("--val-fraction", type=float, default=None)
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--out", default=None, help="folder for confusion.png and eval.json")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     p.add_argument("--device", default="auto")
@@ -132,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="a checkpoint (ours, or any with --model)")
     p.add_argument("--model", default=None, help="model name (for non-winattn checkpoints)")
     p.add_argument("--pretrained", action="store_true", help="the model's published weights")
-    p.add_argument("--topk", type=_positive_int, default=5)
+    p.add_argument("--topk", type=positive_int, default=5)
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.add_argument("--device", default="auto")
@@ -140,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="registered models, parameter counts and FLOPs")
     p.add_argument("pattern", nargs="?", default=None, help="filter, e.g. 'swin_tiny*'")
-    p.add_argument("--img-size", type=_positive_int, default=None,
+    p.add_argument("--img-size", type=positive_int, default=None,
                    help="resolution for FLOPs (default: each model's own)")
     p.add_argument("--flops", action="store_true", help="count FLOPs (one forward pass each)")
     p.set_defaults(func=commands.cmd_info)
