@@ -32,7 +32,7 @@ import torch
 
 import winattn
 from winattn.cli import bench_cases as cases
-from winattn.cli.argtypes import non_negative_int, positive_int
+from winattn.cli.argtypes import non_negative_int, output_folder, positive_int
 
 
 def build(name: str, peer_names: list[str]) -> dict[str, cases.Peer]:
@@ -80,7 +80,7 @@ def main() -> int:
     parser.add_argument("--train-repeats", type=positive_int, default=7)
     parser.add_argument("--threads", type=positive_int,
                         help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--out", type=Path, help="folder for results.json and results.md")
+    parser.add_argument("--out", type=output_folder, help="folder for results.json and results.md")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,6 +115,7 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     if args.out:
+        args.out = Path(args.out)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
         header = (f"Swin V2 inference, `{results['command']}`, commit `{results['commit']}`, "

@@ -160,6 +160,30 @@ def test_counts_out_of_range_are_refused_before_anything_runs(args, message, cap
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["bench"], ["demo"], ["eval", "x.pt"],
+                                     ["train", "--model", "tiny_test"]])
+def test_an_output_folder_that_is_a_file_is_refused_before_the_run(command, tmp_path, capsys):
+    # bench used to run its whole set (minutes) and only then fail to make the folder.
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    for out, expected in ((taken, f"got {str(taken)!r}, which is a file"),
+                          (taken / "sub", f"inside the file {str(taken)!r}")):
+        with pytest.raises(SystemExit) as exc:
+            main([*command, "--out", str(out)])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "--out: expected a folder (it may not exist yet)" in err and expected in err
+
+
+def test_train_config_refuses_an_output_folder_that_is_a_file(tmp_path):
+    from winattn.train.config import TrainConfig
+
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(ValueError, match="out: expected a folder .*which is a file"):
+        TrainConfig(model="tiny_test", out=str(tmp_path / "taken")).validate()
+    TrainConfig(model="tiny_test", out=str(tmp_path / "new" / "run")).validate()
+
+
 def test_benchmark_scripts_refuse_counts_out_of_range():
     script = SRC.parent / "benchmarks" / "replay_ops.py"
     done = subprocess.run([sys.executable, str(script), "--replays", "0"],

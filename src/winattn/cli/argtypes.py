@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from winattn.train.config import folder_problem
+
 
 def _integer(text: str, expected: str) -> int:
     try:
@@ -27,3 +29,12 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
+
+
+def output_folder(text: str) -> str:
+    """A folder to write into: it may not exist yet, but neither it nor what exists of its
+    parents may be a file (found now, not after the run)."""
+    problem = folder_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"expected a folder (it may not exist yet), got {problem}")
+    return text

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import winattn
 
 from . import bench_cases as cases
-from .argtypes import positive_int
+from .argtypes import output_folder, positive_int
 from .bench_report import write_markdown, write_plot
 
 PRESETS = {
@@ -68,7 +68,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int,
                         help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the RSS subprocesses")
-    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
+    parser.add_argument("--out", type=output_folder, default="bench-results",
+                        help="output folder")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,11 +112,12 @@ def run(args: argparse.Namespace) -> int:
             stats["utilisation"] = stats["gflops"] / results["peak_gflops"][row["dtype"]]
     results["machine"]["load_average_end"] = os.getloadavg()
     results["wall_seconds"] = time.time() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    markdown = write_markdown(results, args.out / "results.md")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    markdown = write_markdown(results, out / "results.md")
     if results.get("features"):
-        write_plot(results, args.out / "scaling.png")
+        write_plot(results, out / "scaling.png")
     print(markdown)
     return 0
 

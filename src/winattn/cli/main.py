@@ -12,7 +12,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from winattn.cli.argtypes import non_negative_int, positive_int
+from winattn.cli.argtypes import non_negative_int, output_folder, positive_int
 from winattn.data.folder import DataError
 
 
@@ -22,7 +22,8 @@ def _add_train_args(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
         p.add_argument("--data", default="digits",
                        help="'digits', a folder with train/ (and val/), or a CSV of path,label")
         p.add_argument("--val-data", default=None, help="validation folder or CSV")
-        p.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
+        p.add_argument("--out", type=output_folder, default="runs/train",
+                       help="output folder (default: runs/train)")
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="share held out for validation when there is no val set (default 0.2)")
     p.add_argument("--img-size", type=positive_int, default=None, help="input resolution")
@@ -114,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'digits', folder or CSV; default: the checkpoint's own validation split")
     p.add_argument("--val-fraction", type=float, default=None)
     p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--out", default=None, help="folder for confusion.png and eval.json")
+    p.add_argument("--out", type=output_folder, default=None,
+                   help="folder for confusion.png and eval.json")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=commands.cmd_eval)
@@ -138,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_info)
 
     p = sub.add_parser("demo", help="train the demo model on digits, evaluate, predict: one go")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", type=output_folder, default="runs/demo")
     p.add_argument("--model", default=demo.DEMO_MODEL)
     _add_train_args(p, demo=True)
     p.set_defaults(func=demo.cmd_demo)

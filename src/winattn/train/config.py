@@ -3,7 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
+
+
+def folder_problem(path: str | Path) -> str | None:
+    """``path`` and why it cannot be made into (or used as) an output folder, or None when it
+    can: it, or the nearest part of it that exists, must be a folder. Checked before a run starts,
+    so that a typo does not surface only when the first result is written."""
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists():
+            if part.is_dir():
+                return None
+            if part == path:
+                return f"{str(path)!r}, which is a file"
+            return f"{str(path)!r}, inside the file {str(part)!r}"
+    return None
 
 
 @dataclass
@@ -64,6 +80,9 @@ class TrainConfig:
         need(self.cutmix >= 0, "cutmix", "an alpha >= 0 (0 = off)")
         need(0 <= self.ema_decay < 1, "ema_decay", "a number in [0, 1) (0 = off)")
         need(self.workers >= 0, "workers", "an integer >= 0")
+        problem = folder_problem(self.out)
+        if problem:
+            raise ValueError(f"out: expected a folder (it may not exist yet), got {problem}")
         need(self.img_size is None or self.img_size >= 1, "img_size", "a positive integer")
         need(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
              "max_steps_per_epoch", "a positive integer")
