@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from winattn import window_attention
@@ -186,3 +187,20 @@ def test_interleaved_setup_runs_untimed_before_each_call():
     times = time_interleaved(fns, 1, 2, setup=setup)
     assert calls == ["setup w", "w", "p", "p", "setup w", "w", "setup w", "w", "p"]
     assert max(times["w"]) < 0.05
+
+
+def test_bench_without_timm_says_what_to_install_before_measuring(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    from winattn.cli import bench
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "timm" else real(name, *a))
+    # would take minutes if it went on to measure anything
+    monkeypatch.setattr(bench.cases, "matmul_peak", lambda: pytest.fail("measured"))
+    assert bench.main(["--sections", "inference", "operator", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "inference section(s) compare against timm, which is not installed" in err
+    assert "pip install 'winattn[bench]'" in err
+    assert not any(tmp_path.iterdir())

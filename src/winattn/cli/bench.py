@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -74,6 +75,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the selected sections, write the results, print the Markdown table."""
+    needs_timm = sorted(set(args.sections) - {"operator"})
+    if needs_timm and importlib.util.find_spec("timm") is None:
+        print(f"winattn bench: error: the {', '.join(needs_timm)} section(s) compare against "
+              "timm, which is not installed: pip install 'winattn[bench]' (or run "
+              "--sections operator alone)", file=sys.stderr)
+        return 2
     settings = dict(PRESETS[args.preset])
     if args.models:
         settings["models"] = list(args.models)
@@ -112,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
             stats["utilisation"] = stats["gflops"] / results["peak_gflops"][row["dtype"]]
     results["machine"]["load_average_end"] = os.getloadavg()
     results["wall_seconds"] = time.time() - started
+    if results.get("features") and importlib.util.find_spec("matplotlib") is None:
+        results["notes"].append("scaling.png not written: matplotlib is not installed "
+                                "(pip install 'winattn[bench]')")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
