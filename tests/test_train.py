@@ -237,3 +237,35 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     rows_one = read_metrics(tmp_path / "one" / "metrics.jsonl")
     rows_two = read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert rows_one[-1]["val_top1"] == pytest.approx(rows_two[-1]["val_top1"], abs=1e-3)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("outcome", ["finished", "interrupted", "failed"])
+def test_a_cuda_group_is_left_alone_when_one_rank_fails(tmp_path, monkeypatch, outcome, device):
+    # A rank-local error must surface: destroying the group is collective under NCCL and
+    # would wait there for peers stuck in a collective. A finished or interrupted run (every
+    # rank at the same barrier) destroys it, and so does any CPU (gloo) run.
+    from winattn.train import loop
+
+    torn_down = []
+    monkeypatch.setattr(loop, "teardown", lambda env: torn_down.append(env))
+    monkeypatch.setattr(loop, "setup", lambda name: loop.DistEnv(device=torch.device(device)))
+
+    class FakeTrainer:
+        def __init__(self, cfg, env):
+            pass
+
+        def fit(self):
+            if outcome == "interrupted":
+                raise Interrupted(tmp_path / "last.pt")
+            if outcome == "failed":
+                raise RuntimeError("this rank's own failure")
+            return {"val_top1": 1.0}
+
+    monkeypatch.setattr(loop, "Trainer", FakeTrainer)
+    if outcome == "finished":
+        assert train(_cfg(tmp_path, "run")) == {"val_top1": 1.0}
+    else:
+        with pytest.raises(Interrupted if outcome == "interrupted" else RuntimeError):
+            train(_cfg(tmp_path, "run"))
+    assert len(torn_down) == (0 if outcome == "failed" and device == "cuda" else 1)

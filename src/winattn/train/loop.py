@@ -330,6 +330,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     cfg.validate()
     env = setup(cfg.device)
     try:
-        return Trainer(cfg, env).fit()
-    finally:
-        teardown(env)
+        metrics = Trainer(cfg, env).fit()
+    except Interrupted:
+        teardown(env)  # every rank stops here together, after the checkpoint's barrier
+        raise
+    except BaseException:
+        # The error may be this rank's alone, its peers inside a collective. Under NCCL,
+        # destroying the group is collective too and would hang here instead of letting the
+        # traceback out (pytorch/torchtitan#1342); torchrun ends the peers once this rank
+        # exits. gloo's (CPU) destroy is local, and exiting without it can abort at exit.
+        if env.device.type != "cuda":
+            teardown(env)
+        raise
+    teardown(env)
+    return metrics
