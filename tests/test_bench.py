@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -206,51 +204,3 @@ def test_bench_without_timm_says_what_to_install_before_measuring(monkeypatch, t
     assert "inference section(s) compare against timm, which is not installed" in err
     assert "pip install 'winattn[bench]'" in err
     assert not any(tmp_path.iterdir())
-
-
-def test_training_alone_alternates_fresh_processes_and_reports_per_library(monkeypatch, tmp_path):
-    from winattn.cli import bench_cases
-    from winattn.cli.bench_report import write_markdown
-
-    launched = []
-
-    def fake_process(spec, env):
-        launched.append(spec["peer"])
-        assert spec["mode"] == "train-time"
-        # the bench's own environment: not the RSS runs' mmap-everything setting
-        assert env.get("MALLOC_MMAP_THRESHOLD_") == os.environ.get("MALLOC_MMAP_THRESHOLD_")
-        step = {"winattn": 0.5, "timm": 0.75}[spec["peer"]]
-        return {"step_seconds": [step] * spec["steps"]}
-
-    monkeypatch.setattr(bench_cases, "_in_fresh_process", fake_process)
-    alone = bench_cases.time_training_alone("swin_tiny_patch4_window7_224",
-                                            ["winattn", "timm"], "fp32", 8, 1, 3, rounds=2)
-    assert launched == ["winattn", "timm", "timm", "winattn"]
-    assert alone["timm"]["repeats"] == 6 and alone["timm"]["speedup_of_winattn"] == 1.5
-    results = {
-        "machine": {"cpu_model": "cpu", "logical_cpus": 2, "torch_threads": 2, "isa": [],
-                    "load_average": (0.0, 0.0, 0.0)},
-        "versions": {}, "commit": "abc", "command": "bench", "preset": "default",
-        "peak_gflops": {"fp32": 1.0, "bf16": 1.0}, "copy_gbps": 1.0,
-        "training": [{"model": "swin_tiny_patch4_window7_224", "dtype": "fp32", "peers": {
-            name: {"median_ms": 1.0, "speedup_of_winattn": 1.0, "activation_mib": 1.0,
-                   "alone": alone[name]} for name in ("winattn", "timm")}}],
-    }
-    rows = [line for line in write_markdown(results, tmp_path / "r.md").splitlines()
-            if line.startswith("| Swin-T | fp32")]
-    assert "| 500 | 1.00x |" in rows[0] and "| 750 | 1.50x |" in rows[1]
-
-    # a failed process leaves every library's cells empty rather than a one-sided ratio
-    monkeypatch.setattr(bench_cases, "_in_fresh_process", lambda spec, env: {"error": "boom"})
-    failed = bench_cases.time_training_alone("swin_tiny_patch4_window7_224",
-                                             ["winattn", "timm"], "fp32", 8, 1, 3)
-    assert all("boom" in failed[name]["error"] for name in ("winattn", "timm"))
-
-
-def test_worker_times_training_steps_in_its_own_process():
-    from winattn.cli.bench_cases import run_worker
-
-    out = run_worker(dict(variant="swin_tiny_patch4_window7_224", peer="winattn",
-                          mode="train-time", batch=1, dtype="fp32", warmup=0, steps=2,
-                          threads=torch.get_num_threads()))
-    assert len(out["step_seconds"]) == 2 and all(s > 0 for s in out["step_seconds"])

@@ -41,9 +41,6 @@ PRESETS = {
     ),
 }
 SECTIONS = ("inference", "training", "features", "operator")
-#: Timed steps per fresh process in the training section's own-process timing (two processes
-#: per library, after two warm-up steps each).
-TRAIN_STEPS_ALONE = 5
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -71,8 +68,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed calls per case (preset's otherwise)")
     parser.add_argument("--threads", type=positive_int,
                         help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--no-memory", action="store_true",
-                        help="skip the subprocesses (peak RSS, training steps timed alone)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the RSS subprocesses")
     parser.add_argument("--out", type=output_folder, default="bench-results",
                         help="output folder")
 
@@ -187,12 +183,6 @@ def training_section(settings: dict, peer_names: list[str], memory: bool, result
                 _log(f"  peak RSS of a training process: {name}")
                 stats["memory"] = cases.measure_memory(dict(
                     variant=variant, peer=name, mode="train", batch=batch, dtype=dtype, steps=2))
-        if memory:
-            _log("  training steps, each library alone in fresh processes")
-            alone = cases.time_training_alone(variant, list(summary), dtype, batch,
-                                              warmup=2, steps=TRAIN_STEPS_ALONE)
-            for name, stats in summary.items():
-                stats["alone"] = alone[name]
         rows.append(dict(model=variant, batch=batch, dtype=dtype, size=size, max_abs_diff=err,
                          peers=summary))
         del peers

@@ -2,9 +2,8 @@
 in fresh subprocesses, and the machine's own matmul peak and copy bandwidth.
 
 The peers (timm, torchvision, transformers) are benchmark extras, imported here only.
-Run as a module (``python -m winattn.cli.bench_cases --worker JSON``) it is the subprocess
-worker: one configuration in a fresh process, printing its peak RSS (or its training steps'
-times) as JSON.
+Run as a module (``python -m winattn.cli.bench_cases --worker JSON``) it is the memory worker:
+one configuration in a fresh process, printing its peak RSS as JSON.
 """
 
 from __future__ import annotations
@@ -413,12 +412,9 @@ def saved_activation_bytes(peer: Peer, x: torch.Tensor, dtype: str) -> int:
     return saved_tensor_bytes(forward, peer.model.parameters())[1]
 
 
-# --------------------------------------------------------------------------- subprocess worker
+# --------------------------------------------------------------------------- memory worker
 def run_worker(spec: dict) -> dict:
-    """In a fresh process: build one peer, run the configuration, report RSS (MiB); in mode
-    ``train-time``, the seconds of each of ``steps`` training steps after ``warmup`` ones."""
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
+    """In a fresh process: build one peer, run the configuration, report RSS (MiB)."""
     torch.manual_seed(0)
     peers, _ = build_peers(spec["variant"], [spec["peer"]], img_size=spec.get("img_size"))
     peer = peers[spec["peer"]]
@@ -427,16 +423,6 @@ def run_worker(spec: dict) -> dict:
             del peers[name]
     res = spec.get("resolution", image_size(spec["variant"]))
     x = torch.randn(spec["batch"], 3, res, res)
-    if spec["mode"] == "train-time":
-        step = train_step_fn(peer, x, torch.randint(0, 1000, (spec["batch"],)), spec["dtype"])
-        for _ in range(spec["warmup"]):
-            step()
-        seconds = []
-        for _ in range(spec["steps"]):
-            start = time.perf_counter()
-            step()
-            seconds.append(time.perf_counter() - start)
-        return {"step_seconds": seconds}
     if spec["mode"] == "train":
         step = train_step_fn(peer, x, torch.randint(0, 1000, (spec["batch"],)), spec["dtype"])
         base = _rss_mib()
@@ -471,43 +457,7 @@ def measure_memory(spec: dict) -> dict:
     """Run :func:`run_worker` in a fresh interpreter. Large blocks go through mmap
     (``MALLOC_MMAP_THRESHOLD_=65536``) so that freed memory leaves the RSS at once and the
     peak is the peak of live memory."""
-    return _in_fresh_process(spec, dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
-
-
-def time_training_alone(
-    variant: str, names: list[str], dtype: str, batch: int, warmup: int, steps: int,
-    rounds: int = 2,
-) -> dict[str, dict]:
-    """Each library's training step timed alone, in a fresh interpreter with the bench's own
-    environment (glibc's malloc defaults unless ``MALLOC_*`` is set): ``rounds`` processes per
-    library, the libraries alternating (the order
-    rotating each round), ``steps`` timed steps each after ``warmup``. Returns
-    :func:`summarise` over all the steps, or ``{"error": ...}`` per library where a process
-    failed.
-
-    Why beside the same-process figures: there the libraries share one heap, and what one
-    leaves in it changes how many fresh pages the other's large buffers fault in (timm's
-    float32 step took 1.25-1.95x its own-process time next to winattn's, docs/performance.md),
-    while a user runs one library per process."""
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    order = list(names)
-    for _ in range(rounds):
-        for name in order:
-            out = _in_fresh_process(
-                dict(variant=variant, peer=name, mode="train-time", batch=batch, dtype=dtype,
-                     warmup=warmup, steps=steps, threads=torch.get_num_threads()),
-                dict(os.environ),
-            )
-            if "error" in out:
-                return {n: {"error": f"{name}: {out['error']}"} for n in names}
-            seconds[name] += out["step_seconds"]
-        order = order[1:] + order[:1]
-    return summarise(seconds)
-
-
-def _in_fresh_process(spec: dict, env: dict) -> dict:
-    """:func:`run_worker` on ``spec`` in a fresh interpreter with ``env``; its JSON, or
-    ``{"error": last line of stderr}``."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     src = str(Path(winattn.__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "winattn.cli.bench_cases", "--worker", json.dumps(spec)]
@@ -519,5 +469,5 @@ def _in_fresh_process(spec: dict, env: dict) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--worker", required=True, help="JSON spec of one measurement")
+    parser.add_argument("--worker", required=True, help="JSON spec of one memory measurement")
     print(json.dumps(run_worker(json.loads(parser.parse_args().worker))))

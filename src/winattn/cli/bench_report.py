@@ -26,13 +26,6 @@ def _ratio(stats: dict) -> str:
     return f"{stats['speedup_of_winattn']:.2f}x"
 
 
-def _alone(stats: dict) -> str:
-    """The own-process step's two cells: median ms and ratio, or "-" where not measured."""
-    if "median_ms" not in stats:
-        return "- | -"
-    return f"{stats['median_ms']:.0f} | {_ratio(stats)}"
-
-
 def write_markdown(results: dict, path: Path) -> str:
     m, v = results["machine"], results["versions"]
     lines = [
@@ -79,20 +72,15 @@ def write_markdown(results: dict, path: Path) -> str:
                   "excluded). Peak RSS: a fresh process building the model and running two steps "
                   "(`MALLOC_MMAP_THRESHOLD_=65536`); 'over baseline' subtracts its RSS after "
                   "building the model and optimizer (so it holds activations, gradients, AdamW "
-                  "state). Alone: each library's step in fresh processes of its own (two each, "
-                  "alternating, five timed steps after two warm-up ones; no other library's "
-                  "heap beside it, as a user runs it); ratio likewise.", "",
-                  "| model | dtype | library | median ms | ratio | alone ms | ratio alone | "
-                  "activations MiB | peak RSS MiB | over baseline MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "state).", "",
+                  "| model | dtype | library | median ms | ratio | activations MiB | peak RSS MiB | over baseline MiB |",
+                  "|---|---|---|---|---|---|---|---|"]
         for row in results["training"]:
             for name, s in row["peers"].items():
                 mem = s.get("memory", {})
-                alone = s.get("alone", {})
                 lines.append(
                     f"| {SHORT.get(row['model'], row['model'])} | {row['dtype']} | {name} | "
-                    f"{s['median_ms']:.0f} | {_ratio(s)} | {_alone(alone)} | "
-                    f"{s['activation_mib']:.0f} | "
+                    f"{s['median_ms']:.0f} | {_ratio(s)} | {s['activation_mib']:.0f} | "
                     f"{_mib(mem, 'peak_rss_mib')} | {_mib(mem, 'peak_over_baseline_mib')} |")
         lines.append("")
     if results.get("features"):
