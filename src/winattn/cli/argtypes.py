@@ -8,27 +8,25 @@ import argparse
 from winattn.train.config import folder_problem
 
 
-def _integer(text: str, expected: str) -> int:
+def _at_least(text: str, lowest: int, expected: str) -> int:
+    """``text`` as an int >= ``lowest``, else the parser's error naming ``expected``."""
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        value = None
+    if value is None or value < lowest:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
 
 
 def positive_int(text: str) -> int:
     """An integer >= 1 (a count of repeats, epochs, threads, images)."""
-    value = _integer(text, "a positive integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return _at_least(text, 1, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
     """An integer >= 0 (warm-up calls, worker processes)."""
-    value = _integer(text, "an integer >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _at_least(text, 0, "an integer >= 0")
 
 
 def output_folder(text: str) -> str:

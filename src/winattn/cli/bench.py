@@ -119,15 +119,14 @@ def run(args: argparse.Namespace) -> int:
             stats["utilisation"] = stats["gflops"] / results["peak_gflops"][row["dtype"]]
     results["machine"]["load_average_end"] = os.getloadavg()
     results["wall_seconds"] = time.time() - started
-    if results.get("features") and importlib.util.find_spec("matplotlib") is None:
-        results["notes"].append("scaling.png not written: matplotlib is not installed "
-                                "(pip install 'winattn[bench]')")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # The plot first, so that the report can say why it is missing.
+    if results.get("features") and not write_plot(results, out / "scaling.png"):
+        results["notes"].append("scaling.png not written: matplotlib is not installed "
+                                "(pip install 'winattn[bench]')")
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     markdown = write_markdown(results, out / "results.md")
-    if results.get("features"):
-        write_plot(results, out / "scaling.png")
     print(markdown)
     return 0
 

@@ -118,15 +118,16 @@ def write_markdown(results: dict, path: Path) -> str:
     return text
 
 
-def write_plot(results: dict, path: Path) -> None:
-    """Time and memory of forward_features against pixels, log-log, one line per library."""
+def write_plot(results: dict, path: Path) -> bool:
+    """Time and memory of forward_features against pixels, log-log, one line per library.
+    Returns False, writing nothing, where matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return False
     rows = results["features"]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
     for name in rows[0]["peers"]:
@@ -147,6 +148,7 @@ def write_plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def _sizes(rows: list[dict]) -> str:
