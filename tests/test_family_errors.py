@@ -110,3 +110,17 @@ def test_cross_shaped_errors():
 def test_sequence_errors(shape, args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         sequence_window_attention(*qkv(*shape), *args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(is_causal="no"), TypeError, r"is_causal must be a bool, got 'no'"),
+        (dict(is_causal=1), TypeError, r"is_causal must be a bool, got 1"),
+        (dict(num_sink_tokens=True), ValueError, r"num_sink_tokens=True must be an int"),
+    ],
+)
+def test_sequence_flags_are_not_taken_by_truthiness(kwargs, error, match):
+    # A string such as "no" is truthy: taken as-is it would run the causal variant.
+    with pytest.raises(error, match=match):
+        sequence_window_attention(*qkv(1, 10, 2, 4), 3, **kwargs)

@@ -5,12 +5,13 @@ alone (or ``id()`` and version) would take for the old parameter."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 import winattn
 from winattn.ops.backends.sdpa import ExpandedMaskCache
-from winattn.ops.stamps import cached_by_parameters, parameter_stamp
+from winattn.ops.stamps import cached_by_parameters, clear_tensor_caches, parameter_stamp
 
 
 def _twin(p: nn.Parameter) -> nn.Parameter:
@@ -81,3 +82,52 @@ def test_swin_v1_mask_follows_a_replaced_bias_table():
         model(x)
         assert all(entry[1] is not m for entry in attn._mask_cache._entries.values()
                    for m in masks)
+
+
+def _operator_calls():
+    q = torch.randn(1, 7, 11, 2, 4)
+    seq = torch.randn(1, 13, 2, 4)
+    return {
+        "window": lambda t: winattn.window_attention(t, t, t, window_size=3, shift_size=1),
+        "neighborhood": lambda t: winattn.neighborhood_attention(t, t, t, kernel_size=3),
+        "sequence": lambda t: winattn.sequence_window_attention(t, t, t, 5),
+    }, {"window": q, "neighborhood": q, "sequence": seq}
+
+
+@pytest.mark.parametrize("name", ["window", "neighborhood", "sequence"])
+def test_a_first_call_in_inference_mode_leaves_the_caches_usable_by_autograd(name):
+    """Plans and masks cached while ``torch.inference_mode()`` ran are ordinary tensors: a
+    later call with autograd on can save them for backward (an inference tensor cannot)."""
+    calls, inputs = _operator_calls()
+    fn, x = calls[name], inputs[name]
+    clear_tensor_caches()
+    fresh = x.clone().requires_grad_()
+    fn(fresh).square().sum().backward()
+    clear_tensor_caches()
+    with torch.inference_mode():
+        expected = fn(x)
+    later = x.clone().requires_grad_()
+    out = fn(later)
+    torch.testing.assert_close(out.detach(), expected.clone(), atol=0, rtol=0)
+    out.square().sum().backward()
+    torch.testing.assert_close(later.grad, fresh.grad, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name, size", [("swin_tiny_patch4_window7_224", (36, 52)),
+                                        ("swinv2_tiny_window8_256", (36, 52))])
+def test_evaluating_in_inference_mode_then_training_works(name, size):
+    """The usual loop: evaluate under ``torch.inference_mode()``, then train on, in this model
+    and in a new one (the caches are process-wide), at a size that pads."""
+    kwargs = dict(embed_dim=16, depths=(2, 2), num_heads=(2, 4))
+    torch.manual_seed(0)
+    model = winattn.create_model(name, **kwargs)
+    x = torch.randn(2, 3, *size)
+    clear_tensor_caches()
+    model.eval()
+    with torch.inference_mode():
+        model(x)
+    model.train()
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    other = winattn.create_model(name, **kwargs)
+    other(x).sum().backward()

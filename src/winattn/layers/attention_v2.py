@@ -15,7 +15,6 @@ The per-head logit scale is folded into the normalised q, so the operator runs w
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,7 @@ from ..ops.backends.sdpa import (
     explicit_attention,
     prefers_matmuls,
 )
-from ..ops.stamps import parameter_stamp, same_parameters
+from ..ops.stamps import parameter_stamp, same_parameters, tensor_cache
 from ..ops.traceable import TracedWindows, traceable_window_attention
 from ..ops.traceable import is_tracing as _is_tracing
 from . import fused, fused_attention
@@ -82,7 +81,7 @@ def traced_cpb_coords(
     return _log_spaced(offsets, divisor)
 
 
-_cpb_coords_cached = lru_cache(maxsize=64)(_cpb_coords)
+_cpb_coords_cached = tensor_cache(maxsize=64)(_cpb_coords)
 
 
 def cpb_coords(
@@ -103,7 +102,7 @@ def cpb_coords(
     return _cpb_coords_cached(window_size, pretrained)
 
 
-@lru_cache(maxsize=256)
+@tensor_cache(maxsize=256)
 def _on_device(
     kind: str, window_size: tuple, pretrained: tuple, device: torch.device
 ) -> torch.Tensor:

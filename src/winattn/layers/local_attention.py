@@ -7,7 +7,6 @@ All take and return channels-last tokens on their grid, ``(B, *grid, C)``.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +17,7 @@ from ..ops.geometry import IntOrTuple, normalize_tuple
 from ..ops.global_tokens import window_attention_with_globals
 from ..ops.neighborhood import neighborhood_attention
 from ..ops.sequence import sequence_window_attention
+from ..ops.stamps import tensor_cache
 from ..ops.stripes import cross_shaped_window_attention
 from ..ops.tiles import LocalAttentionSettings
 
@@ -129,7 +129,7 @@ class CrossShapedWindowAttention(_QKVAttention):
         return self.merge_heads(out)
 
 
-@lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def relative_position_index_nd(window_size: tuple[int, ...]) -> torch.Tensor:
     """``(N, N)`` index into a ``prod(2w - 1)``-row bias table, Swin / Video Swin's layout:
     per axis the offset ``key - query + w - 1``, combined row-major over the axes."""

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Sequence, Union
 
 import torch
+
+from .stamps import tensor_cache
 
 IntOrTuple = Union[int, Sequence[int]]
 
@@ -165,7 +166,7 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.reshape(batch * length, features).index_select(0, rows).view(batch, -1, features)
 
 
-@lru_cache(maxsize=256)
+@tensor_cache(maxsize=256)
 def _mask_in_dtype(plan: WindowPlan, dtype: torch.dtype) -> torch.Tensor:
     assert plan.mask is not None
     return plan.mask.to(dtype)
@@ -194,7 +195,7 @@ def plan_windows(
     return _plan_windows(tuple(grid), tuple(window_size), tuple(shift_size), torch.device(device))
 
 
-@lru_cache(maxsize=512)
+@tensor_cache(maxsize=512)
 def _plan_windows(
     grid: tuple[int, ...],
     window_size: tuple[int, ...],
@@ -267,7 +268,7 @@ def _plan_windows(
     )
 
 
-@lru_cache(maxsize=256)
+@tensor_cache(maxsize=256)
 def transition_index(source: WindowPlan, target: WindowPlan) -> torch.Tensor:
     """Move tokens from ``source``'s window order to ``target``'s: one gather.
 
@@ -313,7 +314,7 @@ def move_tokens(x: torch.Tensor, source: WindowPlan, target: WindowPlan) -> torc
     return gather_tokens(x, index)
 
 
-@lru_cache(maxsize=256)
+@tensor_cache(maxsize=256)
 def padded_token_mask(plan: WindowPlan, real_grid: tuple[int, ...]) -> torch.Tensor | None:
     """``(L, 1)`` bool in ``plan``'s window order, True where the token is padding: outside
     ``real_grid``, the unpadded map that ``plan.grid`` zero-pads. None when nothing is padded."""

@@ -68,6 +68,8 @@ def sequence_window_attention(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if isinstance(window_size, bool) or not isinstance(window_size, int):
         raise TypeError(f"window_size must be an int, got {window_size!r}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
     if not 1 <= window_size <= length:
         raise ValueError(
             f"window_size={window_size} does not fit the sequence of length {length}; expected "
@@ -78,7 +80,8 @@ def sequence_window_attention(
             f"window_size={window_size} is even; a non-causal sliding window is centred on the "
             f"query and needs an odd size"
         )
-    if not isinstance(num_sink_tokens, int) or not 0 <= num_sink_tokens <= length:
+    if (isinstance(num_sink_tokens, bool) or not isinstance(num_sink_tokens, int)
+            or not 0 <= num_sink_tokens <= length):
         raise ValueError(
             f"num_sink_tokens={num_sink_tokens!r} must be an int in [0, {length}] (the sequence "
             f"length)"

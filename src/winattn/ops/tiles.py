@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
 from .backends.sdpa import attend_windows
+from .stamps import tensor_cache
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def _axis_from_groups(parts: list[tuple[torch.Tensor, ...]]) -> AxisTiles:
     return AxisTiles(query_pos=query_pos, key_pos=key_pos, allowed=allowed, rel=rel)
 
 
-@lru_cache(maxsize=256)
+@tensor_cache(maxsize=256)
 def neighborhood_axis(
     length: int, kernel: int, dilation: int, causal: bool, tile: int
 ) -> AxisTiles:
@@ -114,7 +114,7 @@ def neighborhood_axis(
     return _axis_from_groups(parts)
 
 
-@lru_cache(maxsize=256)
+@tensor_cache(maxsize=256)
 def blocked_axis(length: int, block: int, causal: bool) -> AxisTiles:
     """Tiles of one axis cut into blocks of ``block`` positions (the last may be shorter); a
     query sees its block (causal: the part of it up to and including itself)."""
@@ -164,7 +164,7 @@ class TilePlan:
         return _tile_mask_in_dtype(self, dtype)
 
 
-@lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _tile_mask_in_dtype(plan: TilePlan, dtype: torch.dtype) -> torch.Tensor:
     return plan.mask.to(dtype)
 
@@ -200,7 +200,7 @@ def plan_tiles(
     return _plan_tiles(tuple(grid), tuple(axes), tuple(bias_extent))
 
 
-@lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _plan_tiles(
     grid: tuple[int, ...], axes: tuple[AxisTiles, ...], bias_extent: tuple[int, ...]
 ) -> TilePlan:
@@ -251,7 +251,7 @@ def _product_shape(axis: int, ndim: int, shape: torch.Size) -> list[int]:
     return full
 
 
-@lru_cache(maxsize=16)
+@tensor_cache(maxsize=16)
 def bias_index_of(plan: TilePlan, device: torch.device) -> torch.Tensor:
     """``(num_tiles, tile_tokens, key_tokens)`` flat index into a relative-position bias table
     ``(heads, 2k_0 - 1, ..., 2k_{n-1} - 1)`` flattened per head (built only when a bias is
@@ -265,7 +265,7 @@ def bias_index_of(plan: TilePlan, device: torch.device) -> torch.Tensor:
     return index.reshape(plan.num_tiles, plan.tile_tokens, plan.key_tokens).to(device)
 
 
-@lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def with_sink_keys(plan: TilePlan, num_sinks: int, causal: bool) -> TilePlan:
     """A 1-D plan whose every tile also sees the first ``num_sinks`` positions ("sink" tokens).
 
@@ -299,7 +299,7 @@ def with_sink_keys(plan: TilePlan, num_sinks: int, causal: bool) -> TilePlan:
     )
 
 
-@lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def plan_on_device(plan: TilePlan, device: torch.device) -> TilePlan:
     """The plan's tensors on ``device`` (cached)."""
     if device.type == "cpu":

@@ -157,7 +157,8 @@ def _deep_mask_slots(mask: torch.Tensor) -> torch.Tensor | None:
     if hit is not None and hit[0]() is mask and hit[1] == mask._version:
         return hit[2]
     slot_entries = mask.detach().flatten(0, 1) if mask.shape[1] > 1 else mask.detach()
-    slots = (slot_entries.flatten(1).amin(dim=1) < _DEEP_MASK_VALUE).nonzero().flatten()
+    with torch.inference_mode(False):  # an ordinary tensor, as winattn.ops.stamps explains
+        slots = (slot_entries.flatten(1).amin(dim=1) < _DEEP_MASK_VALUE).nonzero().flatten()
     slots = slots if slots.numel() else None
     if len(_deep_slot_cache) >= 256:
         _deep_slot_cache.clear()
