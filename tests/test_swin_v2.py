@@ -461,3 +461,31 @@ def test_checkpointed_stages_give_the_same_gradients_through_the_training_functi
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("first", ["fp32", "bf16"])
+def test_cached_bias_follows_autocast(first):
+    """Under bf16 autocast the CPB MLP runs in bf16 (as in timm), without it in float32: the
+    eval caches keep the two apart, so each mode's logits are the same whichever ran first
+    (a bias cached by one used to serve the other: 0.06 apart in bf16, and fp32 logits carrying
+    bf16 rounding)."""
+    kwargs = dict(depths=(2, 2), num_heads=(2, 4), embed_dim=16)
+    torch.manual_seed(0)
+    model = winattn.create_model("swinv2_tiny_window8_256", **kwargs).eval()
+    randomize_(model)
+    x = torch.randn(1, 3, 64, 64)
+
+    def run(mode):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=mode == "bf16"):
+            return model(x).float()
+
+    def fresh(mode):
+        clone = winattn.create_model("swinv2_tiny_window8_256", **kwargs).eval()
+        clone.load_state_dict(model.state_dict())
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=mode == "bf16"):
+            return clone(x).float()
+
+    second = "bf16" if first == "fp32" else "fp32"
+    run(first)
+    torch.testing.assert_close(run(second), fresh(second), atol=0, rtol=0)
+    torch.testing.assert_close(run(first), fresh(first), atol=0, rtol=0)

@@ -111,6 +111,13 @@ def _on_device(
     return relative_position_index(window_size).to(device)
 
 
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast runs ``device``'s matmuls in now, or None when it is off."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
 def _unit(x: torch.Tensor) -> torch.Tensor:
     """``F.normalize(x, dim=-1)``; in float16/bfloat16 computed in float32, where its eps of
     1e-12 exists (in float16 it rounds to 0, and the all-zero keys of padded tokens give 0/0)."""
@@ -243,7 +250,7 @@ class WindowAttentionV2(nn.Module):
             self.v_bias = None
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        # (window, device, dtype) -> (parameter stamp, CPB parameters, bias): position_bias
+        # (window, device, dtype, autocast) -> (parameter stamp, CPB parameters, bias)
         self._bias_cache: dict[tuple, tuple[tuple, list, torch.Tensor]] = {}
         self._mask_cache = ExpandedMaskCache()  # eval-time bias + shift mask, batch-expanded
         self._inference_constants: dict[torch.dtype, tuple] = {}  # see inference_constants
@@ -274,16 +281,19 @@ class WindowAttentionV2(nn.Module):
     def position_bias(self, window_size: tuple[int, int]) -> torch.Tensor:
         """``(heads, N, N)`` continuous position bias for ``window_size`` (any window).
 
-        Cached per (window, device, dtype) when no gradient is needed, until the CPB weights
-        change (:mod:`winattn.ops.stamps`): an optimiser step, ``load_state_dict`` or a
-        replaced parameter invalidates it.
+        Cached per (window, device, dtype, autocast dtype) when no gradient is needed, until
+        the CPB weights change (:mod:`winattn.ops.stamps`): an optimiser step,
+        ``load_state_dict`` or a replaced parameter invalidates it. Under autocast the CPB
+        MLP's linears run in the autocast dtype, as the peers' do, so a bias computed with
+        autocast off (or in another dtype) never serves a call with it on, nor the reverse.
         """
         window_size = tuple(window_size)
         params = list(self.cpb_mlp.parameters())
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         if needs_grad or _is_tracing():
             return self._compute_position_bias(window_size)
-        key = (window_size, params[0].device, params[0].dtype)
+        device = params[0].device
+        key = (window_size, device, params[0].dtype, _autocast_dtype(device))
         stamp = parameter_stamp(params)
         hit = self._bias_cache.get(key)
         if hit is not None and hit[0] == stamp and same_parameters(hit[1], params):
@@ -310,7 +320,9 @@ class WindowAttentionV2(nn.Module):
             bias = self.position_bias(plan.window_size).to(work)
             return combine_mask(plan.mask_as(work), bias, work)  # (nW or 1, heads, N, N)
 
-        return self._mask_cache.get(plan, dtype, rows, list(self.cpb_mlp.parameters()), build)
+        params = list(self.cpb_mlp.parameters())
+        key = (plan, _autocast_dtype(params[0].device))  # the bias depends on it
+        return self._mask_cache.get(key, dtype, rows, params, build)
 
     def forward_windows(self, x: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
         """Attention on tokens already in ``plan``'s window order.
