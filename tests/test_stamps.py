@@ -131,3 +131,43 @@ def test_evaluating_in_inference_mode_then_training_works(name, size):
     assert all(p.grad is not None for p in model.parameters())
     other = winattn.create_model(name, **kwargs)
     other(x).sum().backward()
+
+
+def test_updates_through_data_are_seen():
+    """``p.data`` has a version counter of its own, so an update written through it (an EMA
+    done the old way) moves none of ``p``'s: the stamp samples the content too."""
+    small = nn.Parameter(torch.randn(169, 3))  # a bias table: compared whole
+    large = nn.Parameter(torch.randn(384, 96))  # a linear's weight: first and last 8 bytes
+    for p in (small, large):
+        before = parameter_stamp([p])
+        p.data.mul_(0.999).add_(torch.ones_like(p), alpha=0.001)
+        assert p._version == 0 and parameter_stamp([p]) != before
+    before = parameter_stamp([small])
+    small.data[80, 1] += 1.0  # a small parameter is compared whole: one element is enough
+    assert parameter_stamp([small]) != before
+
+
+@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"])
+def test_models_follow_weights_copied_through_data(name):
+    """Eval caches (bf16 weights, folded masks, V2's bias) warmed, then every parameter
+    overwritten through ``.data``: the outputs are those of a model built with the new
+    weights, in float32 and under bf16 autocast."""
+    kwargs = dict(embed_dim=16, depths=(2, 2), num_heads=(2, 4))
+    torch.manual_seed(0)
+    model = winattn.create_model(name, **kwargs).eval()
+    fresh = winattn.create_model(name, **kwargs).eval()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(torch.randn_like(p), alpha=0.1)
+    x = torch.randn(1, 3, 64, 64)
+
+    def run(m, bf16):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            return m(x).float()
+
+    for bf16 in (False, True):
+        run(model, bf16)
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        p.data.copy_(q.data)
+    for bf16 in (False, True):
+        torch.testing.assert_close(run(model, bf16), run(fresh, bf16), atol=0, rtol=0)
