@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import winattn
 from winattn import (
     cross_shaped_window_attention,
     neighborhood_attention,
@@ -124,3 +125,64 @@ def test_sequence_flags_are_not_taken_by_truthiness(kwargs, error, match):
     # A string such as "no" is truthy: taken as-is it would run the causal variant.
     with pytest.raises(error, match=match):
         sequence_window_attention(*qkv(1, 10, 2, 4), 3, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(0, 6, 6, 2, 4), (1, 6, 6, 0, 4), (1, 6, 6, 2, 0)])
+@pytest.mark.parametrize("op", ["window", "neighborhood", "stripes", "globals"])
+def test_empty_inputs_give_empty_outputs(op, shape):
+    """A batch, head count or head size of 0 gives an empty output shaped as q, as SDPA does,
+    and a backward through it runs."""
+    q = torch.randn(*shape, requires_grad=True)
+    if op == "globals":
+        g = torch.randn(shape[0], 2, shape[-2], shape[-1])
+        out = winattn.window_attention_with_globals(q, q, q, 3, g, g, shift_size=1)
+    elif op == "window":
+        out = winattn.window_attention(q, q, q, 3, shift_size=1)
+    elif op == "neighborhood":
+        out = winattn.neighborhood_attention(q, q, q, 3)
+    else:
+        out = winattn.cross_shaped_window_attention(q, q, q, 2)
+    assert out.shape == shape
+    out.sum().backward()
+    assert q.grad.shape == shape
+
+
+def test_empty_sequence_gives_an_empty_output():
+    q = torch.randn(0, 9, 2, 4, requires_grad=True)
+    out = sequence_window_attention(q, q, q, 3, is_causal=True, num_sink_tokens=2)
+    assert out.shape == q.shape
+    out.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64])
+def test_a_bias_that_is_not_floating_is_refused(dtype):
+    # A boolean mask (SDPA's meaning: allowed) would otherwise be added as 0/1 to the logits.
+    q = torch.randn(1, 6, 6, 2, 4)
+    with pytest.raises(TypeError, match=rf"bias must be a floating tensor .* got {dtype}"):
+        winattn.window_attention(q, q, q, 3, bias=torch.ones(2, 9, 9, dtype=dtype))
+    with pytest.raises(TypeError, match=rf"bias must be a floating tensor .* got {dtype}"):
+        winattn.neighborhood_attention(q, q, q, 3, bias=torch.ones(2, 5, 5, dtype=dtype))
+
+
+def test_settings_and_layers_name_bad_values():
+    from winattn.layers.local_attention import (
+        GlobalTokenWindowAttention,
+        NeighborhoodAttention,
+        WindowAttentionND,
+    )
+    from winattn.ops.tiles import LocalAttentionSettings
+
+    for kwargs, match in [(dict(tile_size=0), r"tile_size must be >= 1 on every axis, got 0"),
+                          (dict(tile_size=(4, -1)), r"tile_size must be >= 1 on every axis"),
+                          (dict(max_chunk_logits=0), r"max_chunk_logits must be an int >= 1")]:
+        with pytest.raises(ValueError, match=match):
+            LocalAttentionSettings(**kwargs)
+    q = torch.randn(1, 6, 6, 2, 4)
+    with pytest.raises(TypeError, match=r"settings must be a LocalAttentionSettings or None"):
+        neighborhood_attention(q, q, q, 3, settings={"tile_size": 4})
+    with pytest.raises(ValueError, match=r"x has 8 channels .* expected the layer's dim=16"):
+        NeighborhoodAttention(16, 2, 3)(torch.randn(1, 6, 6, 8))
+    # An int window, as the operator takes one (2-D unless ndim says otherwise).
+    layer = GlobalTokenWindowAttention(16, 2, 3, num_learned_tokens=2)
+    assert layer.window_size == (3, 3) and layer(torch.randn(1, 6, 6, 16)).shape == (1, 6, 6, 16)
+    assert WindowAttentionND(16, 2, 3, ndim=3).window_size == (3, 3, 3)

@@ -167,3 +167,78 @@ def test_bad_images_raise_clear_errors():
 def test_list_models_filters():
     assert "swin_tiny_patch4_window7_224" in winattn.list_models("swin_tiny*")
     assert all(n.startswith("swin_base") for n in winattn.list_models("swin_base*"))
+
+
+@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"])
+@pytest.mark.parametrize("features_only", [False, True])
+@pytest.mark.parametrize("mode", ["train", "eval-fp32", "eval-bf16"])
+def test_an_empty_batch_gives_empty_outputs(name, features_only, mode):
+    """Batch 0 (a filtered last batch, no detections to crop) as torchvision's Swin takes it:
+    empty logits / maps of the right shapes, and training through them runs."""
+    kwargs = dict(embed_dim=16, depths=(2, 2), num_heads=(2, 4), features_only=features_only)
+    model = winattn.create_model(name, **kwargs).train(mode == "train")
+    x = torch.randn(0, 3, 32, 32)
+    with torch.autocast("cpu", torch.bfloat16, enabled=mode == "eval-bf16"):
+        out = model(x)
+    if features_only:
+        assert [tuple(t.shape) for t in out] == [(0, 16, 8, 8), (0, 32, 4, 4)]
+    else:
+        assert out.shape == (0, 1000)
+        if mode == "train":
+            out.sum().backward()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(window_size=7.5), TypeError, r"window_size must be an int or a pair of ints"),
+        (dict(depths=(1, -1)), ValueError, r"depths must be a non-empty tuple of ints >= 1"),
+        (dict(depths=()), ValueError, r"depths must be a non-empty tuple"),
+        (dict(num_heads=(0, 2)), ValueError, r"num_heads must be a non-empty tuple of ints >= 1"),
+        (dict(num_heads=(3, 4)), ValueError, r"num_heads\[0\]=3 does not divide stage 0"),
+        (dict(mlp_ratio=0), ValueError, r"mlp_ratio=0 leaves the first stage's MLP no hidden"),
+        (dict(mlp_ratio=-1), ValueError, r"mlp_ratio must be >= 0.0, got -1"),
+        (dict(num_classes=2.5), TypeError, r"num_classes must be an int, got 2.5"),
+        (dict(num_classes="10"), TypeError, r"num_classes must be an int, got '10'"),
+        (dict(img_size=(0, 0)), ValueError, r"img_size must be >= 1, got \(0, 0\)"),
+        (dict(mean=(0.5, 0.5)), ValueError, r"mean \(0.5, 0.5\) and std .* one entry per channel"),
+        (dict(drop_path_rate=float("nan")), ValueError, r"drop_path_rate must be in \[0.0, 1.0\)"),
+    ],
+)
+@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"])
+def test_bad_config_values_are_named(name, kwargs, error, match):
+    base = dict(embed_dim=16, depths=(2, 2), num_heads=(2, 4))
+    with pytest.raises(error, match=match):
+        winattn.create_model(name, **{**base, **kwargs})
+
+
+def test_config_takes_numpy_ints_and_lists():
+    import numpy as np
+
+    model = winattn.create_model(
+        "swin_tiny_patch4_window7_224", embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+        window_size=np.int64(4),
+    )
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+
+
+def test_timm_head_interface():
+    model = winattn.create_model("swin_tiny_patch4_window7_224", embed_dim=16, depths=(2, 2),
+                                 num_heads=(2, 4))
+    assert model.get_classifier() is model.head.fc
+    model.reset_classifier(10, "avg")
+    assert model.get_classifier().out_features == 10 and model.num_classes == 10
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    with pytest.raises(ValueError, match=r"num_classes must be >= 0, got -1"):
+        model.reset_classifier(-1)
+    with pytest.raises(ValueError, match=r"global_pool must be None or 'avg' .* got 'max'"):
+        model.reset_classifier(10, "max")
+    model.reset_classifier(0)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 32)
+
+
+def test_integer_images_are_refused_with_the_conversion():
+    model = winattn.create_model("swin_tiny_patch4_window7_224", embed_dim=16, depths=(2, 2),
+                                 num_heads=(2, 4))
+    with pytest.raises(TypeError, match=r"images must be a floating tensor.* got torch.uint8"):
+        model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))

@@ -27,6 +27,9 @@ class _QKVAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
         super().__init__()
+        for name, value in (("dim", dim), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if dim % num_heads:
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
         self.dim = dim
@@ -38,6 +41,11 @@ class _QKVAttention(nn.Module):
 
     def split_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``(B, *grid, C)`` -> q, k, v each ``(B, *grid, heads, head_dim)``."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(
+                f"x has {x.shape[-1]} channels (shape {tuple(x.shape)}), expected the layer's "
+                f"dim={self.dim} on the last axis: (batch, *grid, {self.dim})"
+            )
         qkv = self.qkv(x).view(*x.shape[:-1], 3, self.num_heads, self.head_dim)
         return qkv.unbind(-3)
 
@@ -160,12 +168,16 @@ class WindowAttentionND(_QKVAttention):
         self,
         dim: int,
         num_heads: int,
-        window_size: tuple[int, ...],
+        window_size: IntOrTuple,
         shift_size: IntOrTuple = 0,
         qkv_bias: bool = True,
+        *,
+        ndim: int = 2,
     ) -> None:
         super().__init__(dim, num_heads, qkv_bias)
-        self.window_size = tuple(window_size)
+        # A sequence gives the grid's rank; an int is the window on each of ``ndim`` axes.
+        axes = len(window_size) if isinstance(window_size, (tuple, list)) else ndim
+        self.window_size = normalize_tuple(window_size, axes, "window_size")
         self.shift_size = normalize_tuple(shift_size, len(self.window_size), "shift_size")
         rows = math.prod(2 * w - 1 for w in self.window_size)
         self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
@@ -211,14 +223,15 @@ class GlobalTokenWindowAttention(WindowAttentionND):
         self,
         dim: int,
         num_heads: int,
-        window_size: tuple[int, ...],
+        window_size: IntOrTuple,
         shift_size: IntOrTuple = 0,
         *,
         num_learned_tokens: int = 0,
         pool_size: IntOrTuple | None = None,
         qkv_bias: bool = True,
+        ndim: int = 2,
     ) -> None:
-        super().__init__(dim, num_heads, window_size, shift_size, qkv_bias)
+        super().__init__(dim, num_heads, window_size, shift_size, qkv_bias, ndim=ndim)
         if num_learned_tokens == 0 and pool_size is None:
             raise ValueError("expected num_learned_tokens > 0 or a pool_size: no global tokens")
         self.pool_size = pool_size

@@ -35,6 +35,11 @@ class PatchEmbed(nn.Module):
                 f"images have {x.shape[1]} channels, the model expects in_chans={self.in_chans} "
                 f"(input shape {tuple(x.shape)})"
             )
+        if not x.is_floating_point():
+            raise TypeError(
+                f"images must be a floating tensor, normalised as the model's data_config says, "
+                f"got {x.dtype} (e.g. uint8 pixels: convert with x.float() / 255, then normalise)"
+            )
         height, width = x.shape[-2:]
         p = self.patch_size
         if height < p or width < p:
@@ -77,7 +82,8 @@ class PatchEmbed(nn.Module):
         patches = patches.permute(0, 2, 4, 1, 3, 5)  # (B, H/p, W/p, C_in, p, p)
         gathered = x.new_empty(patches.shape, dtype=fused.compute_dtype(x))
         gathered.copy_(patches)  # one copy, casting on the way
-        return fused.linear(gathered.view(batch, height // p, width // p, -1), self.proj)
+        gathered = gathered.view(batch, height // p, width // p, channels * p * p)
+        return fused.linear(gathered, self.proj)
 
 
 def merge_2x2(x: torch.Tensor) -> torch.Tensor:

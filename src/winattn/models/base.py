@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
 
+def is_int(value: object) -> bool:
+    """An integer (Python's or numpy's), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` as an int, refusing anything but an integer of at least ``minimum``."""
+    if not is_int(value):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:  # type: ignore[operator]
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)  # type: ignore[arg-type]
+
+
 def to_2tuple(value: int | tuple[int, int], name: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    value = tuple(value)
-    if len(value) != 2:
+    """An int or a pair of ints as a pair of ints."""
+    if is_int(value):
+        return (int(value), int(value))  # type: ignore[arg-type]
+    try:
+        items = tuple(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+    if len(items) != 2 or not all(is_int(i) for i in items):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return value  # type: ignore[return-value]
+    return (int(items[0]), int(items[1]))
 
 
 class SwinBackbone(nn.Module):
@@ -82,8 +102,20 @@ class SwinBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one for ``num_classes`` (0: no classifier)."""
+    def get_classifier(self) -> nn.Module:
+        """The classifier layer (``head.fc``; an ``nn.Identity`` without one), as timm's."""
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier with a fresh one for ``num_classes`` (0: no classifier).
+
+        ``global_pool`` as timm's: None or ``"avg"``, the pooling Swin's head has."""
+        num_classes = check_int("num_classes", num_classes, 0)
+        if global_pool not in (None, "avg"):
+            raise ValueError(
+                f"global_pool must be None or 'avg' (the average pooling of Swin's head), got "
+                f"{global_pool!r}"
+            )
         self.num_classes = num_classes
         self.head.fc = nn.Identity()
         if num_classes > 0:

@@ -188,8 +188,8 @@ class SwinV2Stage(nn.Module):
     def _takes_window_order(self, x: torch.Tensor) -> bool:
         """Whether the tokens stay in window order through the stage, as in V1's stages
         (``attention_path`` as there); tracing takes the grid path."""
-        if is_tracing():
-            return False
+        if is_tracing() or x.shape[0] == 0:  # an empty batch: the grid path's calls return
+            return False  # empty outputs
         if self.attention_path == "auto":
             return not fused_kernel_expected(x)
         return self.attention_path == "window-order"

@@ -50,3 +50,34 @@ def normalize_bools(value: BoolOrTuple, ndim: int, name: str) -> tuple[bool, ...
             f"{name} must be a bool or a tuple of {ndim} bools (one per grid axis), got {value!r}"
         )
     return items
+
+
+def check_bias(bias: object, q: torch.Tensor) -> None:
+    """An additive bias: a floating tensor on q's device (its shape is the caller's check).
+
+    A boolean tensor is refused rather than added as 0/1: SDPA's boolean masks mean
+    "allowed", and a user bringing one would get +1 on the allowed pairs, silently."""
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if not bias.is_floating_point():
+        hint = (
+            "; to allow only some pairs, pass an additive bias such as "
+            "torch.zeros(shape).masked_fill(~allowed, float('-inf'))"
+            if bias.dtype == torch.bool
+            else ""
+        )
+        raise TypeError(
+            f"bias must be a floating tensor (added to the logits), got {bias.dtype}{hint}"
+        )
+    if bias.device != q.device:
+        raise ValueError(f"bias is on {bias.device}, expected q's device {q.device}")
+
+
+def empty_attention(q: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+    """The output of attention on empty inputs (a batch, grid axis, head count or head size of
+    0): an empty tensor shaped as ``q``, as SDPA gives, still connected to every input so that
+    a backward through it runs (and gives empty gradients)."""
+    out = q * 0
+    for t in others:
+        out = out + t.sum() * 0
+    return out

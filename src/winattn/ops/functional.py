@@ -6,6 +6,7 @@ import torch
 
 from .backends import select_backend
 from .call import AttentionCall
+from .checks import check_bias, empty_attention
 from .geometry import IntOrTuple, normalize_tuple, plan_windows
 from .traceable import traceable_window_attention, use_traceable_path
 
@@ -57,6 +58,8 @@ def window_attention(
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         return traceable_window_attention(q, k, v, window, shift, bias, scale)
     call = make_call(q, k, v, window_size, shift_size=shift_size, bias=bias, scale=scale)
+    if q.numel() == 0:
+        return empty_attention(q, k, v, *([] if bias is None else [bias]))
     return select_backend(call, backend).forward(call)
 
 
@@ -98,19 +101,18 @@ def make_call(
     shift = normalize_tuple(shift_size, len(grid), "shift_size")
     plan = plan_windows(grid, window, shift, q.device)
     if bias is not None:
+        check_bias(bias, q)
         expected = (heads, plan.window_tokens, plan.window_tokens)
         if tuple(bias.shape) != expected:
             raise ValueError(
                 f"bias must have shape (heads, N, N) = {expected} for window {window}, got "
                 f"{tuple(bias.shape)}"
             )
-        if bias.device != q.device:
-            raise ValueError(f"bias is on {bias.device}, expected q's device {q.device}")
     return AttentionCall(
         q=q,
         k=k,
         v=v,
         plan=plan,
         bias=bias,
-        scale=head_dim**-0.5 if scale is None else float(scale),
+        scale=max(head_dim, 1) ** -0.5 if scale is None else float(scale),
     )

@@ -10,6 +10,7 @@ same shape reuses one plan.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -32,19 +33,19 @@ def normalize_tuple(value: IntOrTuple, ndim: int, name: str) -> tuple[int, ...]:
     """
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a tuple of {ndim} ints, got {value!r}")
-    if isinstance(value, int):
-        return (value,) * ndim
-    if isinstance(value, torch.Size):
-        value = tuple(value)
+    if isinstance(value, numbers.Integral):  # numpy's integers too
+        return (int(value),) * ndim
     try:
         items = tuple(value)
     except TypeError:
         raise TypeError(f"{name} must be an int or a tuple of {ndim} ints, got {value!r}") from None
-    if len(items) != ndim or not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+    if len(items) != ndim or not all(
+        isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in items
+    ):
         raise ValueError(
             f"{name} must be an int or a tuple of {ndim} ints (one per grid axis), got {value!r}"
         )
-    return items
+    return tuple(int(i) for i in items)
 
 
 def check_window(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .backends.sdpa import window_mask
+from .checks import empty_attention
 from .functional import make_call
 from .geometry import IntOrTuple
 
@@ -125,6 +126,9 @@ def window_attention_with_globals(
     """
     call = make_call(q, k, v, window_size, shift_size=shift_size, bias=bias, scale=scale)
     check_globals(q, global_k, global_v)
+    if q.numel() == 0:
+        extra = [global_k, global_v] + ([] if bias is None else [bias])
+        return empty_attention(q, k, v, *extra)
     plan = call.plan
     batch, heads, head_dim = call.batch, call.heads, call.head_dim
     channels = heads * head_dim

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from .checks import BoolOrTuple, check_qkv, normalize_bools
+from .checks import BoolOrTuple, check_bias, check_qkv, empty_attention, normalize_bools
 from .geometry import IntOrTuple, normalize_tuple
 from .tiles import (
-    DEFAULT_SETTINGS,
     LocalAttentionSettings,
     attend_tiles,
     neighborhood_axis,
     plan_tiles,
+    resolve_settings,
 )
 
 
@@ -104,6 +104,7 @@ def neighborhood_attention(
     check_neighborhood(grid, kernel, dil, causal)
     extent = tuple(2 * kk - 1 for kk in kernel)
     if bias is not None:
+        check_bias(bias, q)
         expected = (q.shape[-2], *extent)
         if any(causal):
             raise ValueError(
@@ -115,9 +116,9 @@ def neighborhood_attention(
                 f"bias must have shape (heads, 2k-1 per axis) = {expected} for kernel_size "
                 f"{kernel}, got {tuple(bias.shape)}"
             )
-        if bias.device != q.device:
-            raise ValueError(f"bias is on {bias.device}, expected q's device {q.device}")
-    settings = settings or DEFAULT_SETTINGS
+    if q.numel() == 0:
+        return empty_attention(q, k, v, *([] if bias is None else [bias]))
+    settings = resolve_settings(settings)
     tiles = neighborhood_tile_size(kernel, settings)
     axes = tuple(
         neighborhood_axis(n, kk, d, c, t)

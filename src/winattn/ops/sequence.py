@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_qkv
+from .checks import check_qkv, empty_attention
 from .functional import window_attention
 from .tiles import (
-    DEFAULT_SETTINGS,
     LocalAttentionSettings,
     attend_tiles,
     blocked_axis,
     neighborhood_axis,
     plan_tiles,
+    resolve_settings,
     with_sink_keys,
 )
 
@@ -86,9 +86,11 @@ def sequence_window_attention(
             f"num_sink_tokens={num_sink_tokens!r} must be an int in [0, {length}] (the sequence "
             f"length)"
         )
+    if q.numel() == 0:
+        return empty_attention(q, k, v)
     if mode == "blocked" and not is_causal and num_sink_tokens == 0:
         return window_attention(q, k, v, window_size, scale=scale)
-    settings = settings or DEFAULT_SETTINGS
+    settings = resolve_settings(settings)
     if mode == "blocked":
         axis = blocked_axis(length, window_size, is_causal)
     else:

@@ -39,8 +39,37 @@ class LocalAttentionSettings:
     tile_size: int | tuple[int, ...] | None = None
     max_chunk_logits: int = 2**24
 
+    def __post_init__(self) -> None:
+        sizes = self.tile_size
+        if sizes is not None:
+            items = (sizes,) if _is_int(sizes) else sizes
+            if not isinstance(items, tuple) or not items or not all(_is_int(t) for t in items):
+                raise TypeError(f"tile_size must be None, an int or a tuple of ints, got {sizes!r}")
+            if min(items) < 1:
+                raise ValueError(f"tile_size must be >= 1 on every axis, got {sizes!r}")
+        if not _is_int(self.max_chunk_logits) or self.max_chunk_logits < 1:
+            raise ValueError(
+                f"max_chunk_logits must be an int >= 1, got {self.max_chunk_logits!r}"
+            )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
 
 DEFAULT_SETTINGS = LocalAttentionSettings()
+
+
+def resolve_settings(settings: object) -> LocalAttentionSettings:
+    """``settings``, or the defaults for None; anything else (a dict, say) is refused."""
+    if settings is None:
+        return DEFAULT_SETTINGS
+    if not isinstance(settings, LocalAttentionSettings):
+        raise TypeError(
+            f"settings must be a LocalAttentionSettings or None, got {type(settings).__name__} "
+            f"{settings!r}; e.g. settings=LocalAttentionSettings(tile_size=8)"
+        )
+    return settings
 
 
 @dataclass(frozen=True, eq=False)
