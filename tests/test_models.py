@@ -235,6 +235,9 @@ def test_timm_head_interface():
         model.reset_classifier(10, "max")
     model.reset_classifier(0)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 32)
+    assert winattn.create_model("swin_tiny_patch4_window7_224", global_pool="avg").num_classes
+    with pytest.raises(ValueError, match=r"global_pool must be None or 'avg' .* got 'max'"):
+        winattn.create_model("swin_tiny_patch4_window7_224", global_pool="max")
 
 
 def test_integer_images_are_refused_with_the_conversion():

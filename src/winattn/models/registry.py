@@ -58,6 +58,7 @@ def create_model(
     features_only: bool = False,
     out_indices: tuple[int, ...] | None = None,
     output_fmt: str = "NCHW",
+    global_pool: str | None = None,
     **config_overrides: Any,
 ) -> nn.Module:
     """Build a registered model, optionally loading weights.
@@ -76,6 +77,8 @@ def create_model(
         features_only: return a backbone producing the stage maps (strides 4/8/16/32) listed in
             ``out_indices`` (None: every stage), laid out ``output_fmt`` ("NCHW" or "NHWC"), with ``feature_info``
             (see ``winattn.models.features.SwinFeatures``).
+        global_pool: as timm's: None or ``"avg"``, the average pooling of Swin's head (the
+            only one it has).
 
     Example:
         >>> model = create_model("swin_tiny_patch4_window7_224", num_classes=10)
@@ -83,6 +86,11 @@ def create_model(
         10
     """
     entry = model_entry(name)
+    if global_pool not in (None, "avg"):
+        raise ValueError(
+            f"global_pool must be None or 'avg' (the average pooling of Swin's head), got "
+            f"{global_pool!r}"
+        )
     overrides = dict(config_overrides)
     for key, value in (
         ("num_classes", num_classes),
