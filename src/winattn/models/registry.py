@@ -75,8 +75,8 @@ def create_model(
         drop_head: with ``checkpoint``/``pretrained``: skip the checkpoint's classifier and keep
             the freshly initialised head (fine-tuning with another ``num_classes``).
         features_only: return a backbone producing the stage maps (strides 4/8/16/32) listed in
-            ``out_indices`` (None: every stage), laid out ``output_fmt`` ("NCHW" or "NHWC"), with ``feature_info``
-            (see ``winattn.models.features.SwinFeatures``).
+            ``out_indices`` (None: every stage), laid out ``output_fmt`` ("NCHW" or "NHWC"),
+            with ``feature_info`` (see ``winattn.models.features.SwinFeatures``).
         global_pool: as timm's: None or ``"avg"``, the average pooling of Swin's head (the
             only one it has).
 
