@@ -11,6 +11,8 @@ from swin_peers import (
     TINY,
     TINY_CLASSES,
     create_named,
+    hf_config,
+    hf_model,
     hf_tiny,
     logits,
     native_tiny,
@@ -367,3 +369,173 @@ def test_resolve_pretrained_from_offline_hub_cache(tmp_path, monkeypatch):
     assert_same_state(create_named(name, pretrained=True).state_dict(), published)
     with pytest.raises(RuntimeError, match="could not be fetched"):
         resolve_pretrained(name, tag="ms_in22k")
+
+
+# ------------------------------------------------------- audit: windows, EMA, configs, errors
+def official_with_buffers(peer) -> dict:
+    """A timm model's weights in the official layout, with the buffers official checkpoints
+    persist (V2: the coordinate tables that say which window the position bias was trained at)."""
+    state = from_native(peer.state_dict(), "official")
+    for key, buffer in peer.named_buffers():
+        if key.endswith(("relative_coords_table", "relative_position_index")):
+            state[key] = buffer.clone()  # block keys are the same in both layouts
+    return state
+
+
+def test_convert_with_model_checks_the_v2_coordinate_tables_before_dropping_them(
+    tmp_path, capsys
+):
+    # A V2 fine-tune trained at pretrained windows (8, 8, 8, 4): converted and then loaded into
+    # a model without them, its logits were silently 0.58 off. --model must refuse it, as
+    # load_checkpoint does; without --model the conversion says what it cannot keep.
+    timm = pytest.importorskip("timm")
+    from winattn.cli.main import main
+
+    name, windows = "swinv2_tiny_window16_256", (8, 8, 8, 4)
+    peer = randomize_(timm.create_model(name, pretrained=False, pretrained_window_sizes=windows))
+    source, out = tmp_path / "ft.pth", tmp_path / "ft.safetensors"
+    torch.save({"model": official_with_buffers(peer)}, source)
+    assert main(["convert", str(source), str(out), "--model", name]) == 2
+    err = capsys.readouterr().err
+    assert str(source) in err and "pretrained_window_sizes[0]=8" in err
+    assert not out.exists()
+    assert main(["convert", str(source), str(out)]) == 0
+    assert "--model" in capsys.readouterr().err
+    model = create_named(name, pretrained_window_sizes=windows, checkpoint=str(out))
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(logits(model, x), logits(peer, x), rtol=0, atol=1e-4)
+
+
+def test_bias_table_of_a_window_shrunk_to_the_map_goes_where_the_model_reads_it():
+    # timm (like official and Hugging Face) builds a stage whose map is not larger than the
+    # window with the map's window: stage 1 (4x4 map) of a window-8 model stores a 7x7 table.
+    # Our window-8 stage shrinks to 4 at run time and reads the centre of its 15x15 table.
+    peer = randomize_(timm_tiny(1, window_size=8))
+    assert peer.state_dict()["layers.1.blocks.0.attn.relative_position_bias_table"].shape[0] == 49
+    model = native_tiny(1, window_size=8)
+    report = load_checkpoint(model, peer.state_dict())
+    assert sorted(report.resized) == [f"layers.1.blocks.{j}.attn.relative_position_bias_table"
+                                      for j in range(2)]
+    torch.testing.assert_close(logits(model, X), logits(peer, X), rtol=1e-5, atol=1e-5)
+
+
+def test_bias_table_of_another_window_is_resized_to_the_shrunk_window_in_use():
+    # A square table of another window (3) goes to the window the stage uses at img_size by the
+    # official bicubic rule: 8 in stage 0 (8x8 map, as before), 4 in the shrunk stage 1, where it
+    # then sits in the centre of the model's window-8 table.
+    timm = pytest.importorskip("timm")
+    source = randomize_(native_tiny(1, window_size=3)).state_dict()
+    model = native_tiny(1, window_size=8)
+    load_checkpoint(model, source)
+    for stage, used in ((0, 8), (1, 4)):
+        key = f"layers.{stage}.blocks.0.attn.relative_position_bias_table"
+        expected = timm.layers.resize_rel_pos_bias_table_simple(
+            source[key], (used, used), ((2 * used - 1) ** 2, source[key].shape[1]))
+        table = model.state_dict()[key].reshape(15, 15, -1)
+        start = 8 - used
+        centre = table[start: start + 2 * used - 1, start: start + 2 * used - 1]
+        torch.testing.assert_close(centre.reshape(expected.shape), expected)
+
+
+def test_non_square_shrunk_window_table_loads_or_names_the_rule(tmp_path):
+    # timm at 32x64 with window 8: stage 1 (a 4x8 map) has a 4x8 window, a (7*15, heads) table.
+    peer = randomize_(timm_tiny(1, window_size=8, img_size=(32, 64)))
+    path = tmp_path / "timm_32x64.pth"
+    torch.save(peer.state_dict(), path)
+    model = native_tiny(1, window_size=8, img_size=(32, 64), window_rule="timm")
+    load_checkpoint(model, path)
+    x = torch.randn(2, 3, 32, 64, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(logits(model, x), logits(peer, x), rtol=1e-5, atol=1e-5)
+    # The official rule shrinks that window to 4x4 (a 49-row table): the 105 rows fit nothing.
+    key = "layers.1.blocks.0.attn.relative_position_bias_table"
+    match = rf"(?s){key} in checkpoint {path}.*\(105, 2\).*window_rule='timm'"
+    with pytest.raises(CheckpointMismatchError, match=match):
+        load_checkpoint(native_tiny(1, window_size=8, img_size=(32, 64)), path)
+
+
+def test_torchvision_reference_ema_checkpoint_loads_with_prefer_ema(tmp_path):
+    # torchvision's reference script saves {"model": ..., "model_ema": AveragedModel(...)}: the
+    # EMA state dict has an "n_averaged" counter beside its "module."-prefixed weights.
+    from torch.optim.swa_utils import AveragedModel
+
+    peer = randomize_(torchvision_tiny(1))
+    ema = AveragedModel(peer)
+    randomize_(ema.module, seed=1)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": peer.state_dict(), "model_ema": ema.state_dict(), "epoch": 3}, path)
+    plain, averaged = native_tiny(1), native_tiny(1)
+    load_checkpoint(plain, path)
+    assert load_checkpoint(averaged, path, prefer_ema=True).format == "torchvision"
+    torch.testing.assert_close(logits(plain, X), logits(peer, X), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(averaged, X), logits(ema.module, X), rtol=1e-5, atol=1e-5)
+
+
+def test_huggingface_v2_folder_config_pretrained_windows_are_checked(tmp_path):
+    # The pretrained windows of a Hugging Face Swinv2 live only in its config.json.
+    config = hf_config(2, img_size=TINY["img_size"], embed_dim=TINY["embed_dim"],
+                       depths=TINY["depths"], num_heads=TINY["num_heads"],
+                       window_size=TINY["window_size"], num_classes=TINY_CLASSES)
+    config.pretrained_window_sizes = [2, 2]
+    peer = randomize_(hf_model(config))
+    peer.save_pretrained(tmp_path)
+    match = rf"(?s)checkpoint {tmp_path}.*config\.json.*pretrained_window_sizes=\(2, 2\)"
+    with pytest.raises(CheckpointMismatchError, match=match):
+        load_checkpoint(native_tiny(2), tmp_path)
+    model = native_tiny(2, pretrained_window_sizes=(2, 2))
+    assert load_checkpoint(model, tmp_path).format == "huggingface"
+    torch.testing.assert_close(logits(model, X), logits(peer, X), rtol=1e-5, atol=1e-5)
+
+
+def test_file_format_is_read_from_its_contents_not_its_suffix(tmp_path):
+    # A safetensors file saved as .pth was refused with advice to unpickle it.
+    state = randomize_(native_tiny(1)).state_dict()
+    save_state_dict(tmp_path / "weights.pth", state)
+    torch.save(state, tmp_path / "weights.safetensors")
+    for name in ("weights.pth", "weights.safetensors"):
+        target = native_tiny(1)
+        load_checkpoint(target, tmp_path / name)
+        assert_same_state(target.state_dict(), state)
+
+
+def test_content_errors_name_the_file_and_use_the_documented_classes(tmp_path):
+    cases = {
+        "empty.pth": ({}, "holds no tensors"),
+        "list.pth": ([torch.zeros(1)], "holds a list"),
+        "other.pth": ({"conv1.weight": torch.zeros(1)}, "not a Swin checkpoint"),
+        "no_embed.pth": ({"layers.0.blocks.0.norm1.weight": torch.zeros(1)},
+                         "no patch_embed.proj.weight"),
+    }
+    for name, (content, reason) in cases.items():
+        torch.save(content, tmp_path / name)
+        with pytest.raises(CheckpointMismatchError, match=rf"{tmp_path / name}: {reason}"):
+            load_checkpoint(native_tiny(1), tmp_path / name)
+    # A V2 checkpoint trained at other pretrained windows (its coordinate tables say so).
+    peer = timm_tiny(2, pretrained_window_sizes=(2, 2))
+    torch.save({"model": official_with_buffers(peer)}, tmp_path / "v2.pth")
+    match = rf"checkpoint {tmp_path / 'v2.pth'}: .*pretrained_window_sizes\[0\]=2"
+    with pytest.raises(CheckpointMismatchError, match=match):
+        load_checkpoint(native_tiny(2), tmp_path / "v2.pth")
+
+
+def test_convert_names_the_source_file(tmp_path, capsys):
+    from winattn.cli.main import main
+
+    source = tmp_path / "demo.pth"
+    torch.save(create_named("swin_demo_patch2_window4_16").state_dict(), source)
+    assert main(["convert", str(source), str(tmp_path / "o.pth"),
+                 "--model", "swin_tiny_patch4_window7_224"]) == 2
+    assert f"checkpoint {source} does not fit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["o.pth", "o.safetensors"])
+def test_convert_creates_the_output_folder(name, tmp_path):
+    from winattn.cli.main import main
+
+    source = tmp_path / "demo.pth"
+    state = randomize_(create_named("swin_demo_patch2_window4_16")).state_dict()
+    torch.save(state, source)
+    out = tmp_path / "new" / "folder" / name
+    assert main(["convert", str(source), str(out)]) == 0
+    target = create_named("swin_demo_patch2_window4_16")
+    load_checkpoint(target, out)
+    assert_same_state(target.state_dict(), state)

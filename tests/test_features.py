@@ -9,6 +9,7 @@ import swin_peers
 import torch
 
 import winattn
+from winattn.checkpoints import CheckpointMismatchError, load_checkpoint
 
 NAMES = ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"]
 
@@ -119,3 +120,87 @@ def test_feature_pyramid_trains_on_a_toy_target(family):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+SMALL = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=4)
+
+
+def test_unsorted_out_indices_give_maps_in_their_order():
+    # The maps, feature_info and forward_dict agree, in the order out_indices lists the stages
+    # (timm's FeatureListNet returns stage order under a feature_info in the given order).
+    model = randomize_(winattn.create_model("swin_tiny_patch4_window7_224", **SMALL))
+    forward = winattn.SwinFeatures(model, out_indices=(0, 3))
+    backward = winattn.SwinFeatures(model, out_indices=(-1, 0))
+    assert backward.out_indices == (3, 0)
+    assert backward.feature_info.channels() == [128, 16]
+    assert backward.feature_info.reduction() == [32, 4]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = forward(x)
+        maps = backward(x)
+        named = backward.forward_dict(x)
+    assert [m.shape[1] for m in maps] == backward.feature_info.channels()
+    for got, want in zip(maps, reversed(expected)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert list(named) == ["3", "0"]
+    assert named["0"].shape[-1] == 64 // 4 and named["3"].shape[-1] == 64 // 32
+
+
+def test_repeated_out_indices_are_refused():
+    model = winattn.create_model("swin_tiny_patch4_window7_224", **SMALL)
+    for out_indices in [(1, 1), (3, -1)]:
+        with pytest.raises(ValueError, match=r"out_indices=.*more than once"):
+            winattn.SwinFeatures(model, out_indices=out_indices)
+
+
+def test_backbone_with_the_first_stages_loads_a_full_checkpoint_non_strict():
+    # features.py's promise: backbone weights load with strict=False, however few stages it
+    # keeps; the checkpoint's later stages, final norm and head are reported as unexpected.
+    timm = pytest.importorskip("timm")
+    name = "swin_tiny_patch4_window7_224"
+    peer = randomize_(timm.create_model(name, pretrained=False, img_size=64, **SMALL))
+    backbone = winattn.create_model(name, features_only=True, out_indices=(0, 1), img_size=64,
+                                    **SMALL).eval()
+    with pytest.raises(CheckpointMismatchError, match="first 2 of the checkpoint's 4 stages"):
+        load_checkpoint(backbone, peer.state_dict())
+    report = load_checkpoint(backbone, peer.state_dict(), strict=False)
+    assert not report.missing_keys
+    assert {k.split(".")[0] + "." + k.split(".")[1] for k in report.unexpected_keys} == {
+        "layers.2", "layers.3", "norm.weight", "norm.bias", "head.fc"}
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = peer.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        maps = backbone(x)
+    for got, want in zip(maps, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_backbone_checks_the_v2_pretrained_windows_of_a_checkpoint(tmp_path):
+    # A V2 fine-tune trained at pretrained windows (2, 2): a backbone built without them must
+    # refuse it (with strict=False too), and one built with them gives timm's maps.
+    timm = pytest.importorskip("timm")
+    from winattn.checkpoints import from_native
+
+    config = dict(img_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
+                  window_size=4)
+    peer = randomize_(timm.models.swin_transformer_v2.SwinTransformerV2(
+        **config, pretrained_window_sizes=(2, 2)))
+    state = from_native(peer.state_dict(), "official")
+    for key, buffer in peer.named_buffers():
+        if key.endswith(("relative_coords_table", "relative_position_index")):
+            state[key] = buffer.clone()
+    path = tmp_path / "v2_ft.pth"
+    torch.save({"model": state}, path)
+    name = "swinv2_tiny_window8_256"
+    wrong = winattn.create_model(name, features_only=True, **config)
+    with pytest.raises(CheckpointMismatchError, match=rf"{path}.*pretrained_window_sizes\[0\]=2"):
+        load_checkpoint(wrong, path, strict=False)
+    right = winattn.create_model(name, features_only=True, pretrained_window_sizes=(2, 2),
+                                 **config).eval()
+    load_checkpoint(right, path, strict=False)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = peer.forward_intermediates(x, intermediates_only=True)
+        maps = right(x)
+    for got, want in zip(maps, expected):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)

@@ -37,25 +37,47 @@ _REBUILT_BUFFERS = ("relative_position_index", "relative_coords_table", "attn_ma
 # train script {"state_dict": sd, "state_dict_ema": ema, ...}, Lightning {"state_dict": sd}.
 _WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
 _EMA_KEYS = ("state_dict_ema", "model_ema")
+# Tensors that trainers keep beside the weights, not weights: torch.optim.swa_utils.AveragedModel
+# (torchvision's reference EMA) counts its updates in ``n_averaged``.
+_BOOKKEEPING_KEYS = ("n_averaged",)
 
 StateDict = dict[str, Tensor]
 
 
-def unwrap(checkpoint: Mapping, *, prefer_ema: bool = False) -> StateDict:
+class CheckpointMismatchError(ValueError):
+    """The checkpoint does not fit the model (or holds no Swin weights); the message says how."""
+
+
+def unwrap(
+    checkpoint: Mapping, *, prefer_ema: bool = False, source: str = "checkpoint"
+) -> StateDict:
     """Return the bare state dict inside a training checkpoint.
 
     Tries, in order, ``model``, ``state_dict``, ``model_state`` and ``module`` (each may wrap the
     next); with ``prefer_ema=True`` the EMA weights (``state_dict_ema``, ``model_ema``) are taken
     first when present. The EMA copy is otherwise ignored: the plain weights are what every
-    library's own loader picks. A ``module.`` prefix (DistributedDataParallel) is stripped, and
-    of a SimMIM checkpoint only the ``encoder.`` backbone is kept (prefix stripped).
+    library's own loader picks. Bookkeeping tensors that are not weights (``n_averaged`` of
+    ``torch.optim.swa_utils.AveragedModel``) are dropped, a ``module.`` prefix
+    (DistributedDataParallel, AveragedModel, timm's ModelEma) is stripped, and of a SimMIM
+    checkpoint only the ``encoder.`` backbone is kept (prefix stripped).
 
     Args:
         checkpoint: what ``torch.load`` returned, or a state dict already.
-        prefer_ema: take the EMA weights of a timm training checkpoint when it has them.
+        prefer_ema: take the EMA weights (timm's ``state_dict_ema``, torchvision's reference
+            ``model_ema``) when the checkpoint has them.
+        source: what to call the checkpoint in error messages (e.g. ``checkpoint PATH``).
 
     Returns:
         A flat ``{name: tensor}`` dict (a new dict; tensors are not copied).
+
+    Raises:
+        CheckpointMismatchError: ``checkpoint`` is not a mapping, or holds no tensors.
+
+    Example:
+        >>> import torch
+        >>> ema = {"n_averaged": torch.tensor(3), "module.head.weight": torch.zeros(1)}
+        >>> list(unwrap({"model": {}, "model_ema": ema}, prefer_ema=True))
+        ['head.weight']
     """
     obj = checkpoint
     order = (_EMA_KEYS + _WRAPPER_KEYS) if prefer_ema else _WRAPPER_KEYS
@@ -65,11 +87,20 @@ def unwrap(checkpoint: Mapping, *, prefer_ema: bool = False) -> StateDict:
             break
         obj = inner
     if not isinstance(obj, Mapping):
-        raise TypeError(f"checkpoint: expected a mapping of tensors, got {type(obj).__name__}")
-    tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+        raise CheckpointMismatchError(
+            f"{source}: holds a {type(obj).__name__}; expected a state dict (names to tensors), "
+            f"bare or under one of {', '.join(_WRAPPER_KEYS + _EMA_KEYS)}"
+        )
+    tensors = {
+        k: v for k, v in obj.items()
+        if isinstance(v, Tensor) and str(k).rpartition(".")[2] not in _BOOKKEEPING_KEYS
+    }
     if not tensors:
-        found = ", ".join(sorted(map(str, obj.keys()))[:10])
-        raise ValueError(f"checkpoint: holds no tensors (top-level keys: {found})")
+        found = ", ".join(sorted(map(str, obj.keys()))[:10]) or "none, it is empty"
+        raise CheckpointMismatchError(
+            f"{source}: holds no tensors (keys: {found}); expected a Swin state dict, bare or "
+            f"under one of {', '.join(_WRAPPER_KEYS + _EMA_KEYS)}"
+        )
     if all(k.startswith("module.") for k in tensors):
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
     if "encoder.patch_embed.proj.weight" in tensors:
@@ -78,7 +109,7 @@ def unwrap(checkpoint: Mapping, *, prefer_ema: bool = False) -> StateDict:
     return tensors
 
 
-def detect_format(state_dict: Mapping[str, Tensor]) -> str:
+def detect_format(state_dict: Mapping[str, Tensor], *, source: str = "state_dict") -> str:
     """Name the layout of a Swin state dict: "official", "timm", "torchvision" or "huggingface".
 
     winattn's own layout is timm's and reads as "timm". A dict with neither a classifier nor a
@@ -109,8 +140,9 @@ def detect_format(state_dict: Mapping[str, Tensor]) -> str:
     if any(k.startswith(("patch_embed.", "layers.")) for k in keys):
         return "timm"
     sample = ", ".join(keys[:5])
-    raise ValueError(
-        f"state_dict: not a Swin checkpoint in any known layout {FORMATS} (first keys: {sample})"
+    raise CheckpointMismatchError(
+        f"{source}: not a Swin checkpoint in any known layout {FORMATS} (first keys: {sample}; "
+        "expected patch_embed.*/layers.*, features.*, or swin.*/swinv2.* keys)"
     )
 
 
@@ -362,18 +394,21 @@ _FROM_NATIVE = {
 }
 
 
-def to_native(state_dict: Mapping[str, Tensor], fmt: str | None = None) -> tuple[StateDict, str]:
+def to_native(
+    state_dict: Mapping[str, Tensor], fmt: str | None = None, *, source: str = "state_dict"
+) -> tuple[StateDict, str]:
     """Convert a Swin V1/V2 state dict of any layout to winattn's (timm's) layout.
 
     Args:
         state_dict: a bare state dict (see :func:`unwrap` for training checkpoints).
         fmt: the source layout; detected with :func:`detect_format` when None.
+        source: what to call the state dict in error messages.
 
     Returns:
         ``(native_state_dict, fmt)``. Rebuilt buffers (index maps, masks, coordinate tables) are
         dropped; tensors are shared with the input, not copied.
     """
-    fmt = detect_format(state_dict) if fmt is None else fmt
+    fmt = detect_format(state_dict, source=source) if fmt is None else fmt
     if fmt not in _TO_NATIVE:
         raise ValueError(f"fmt: got {fmt!r}, expected one of {FORMATS}")
     return _TO_NATIVE[fmt](state_dict), fmt

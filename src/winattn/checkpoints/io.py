@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,11 +19,32 @@ HUB_WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+# transformers' config.json beside the weights names the model type; only Swin's are read.
+HF_CONFIG_FILE = "config.json"
+_HF_MODEL_TYPES = ("swin", "swinv2")
 
 
 class CheckpointReadError(ValueError):
     """A checkpoint file or folder that cannot be read; the message names the path."""
+
+
+@dataclass(frozen=True)
+class RawCheckpoint:
+    """A checkpoint as read, before unwrapping or conversion.
+
+    Attributes:
+        content: what the file held (a state dict, or a training checkpoint wrapping one).
+        source: where it came from, for messages (the weight file's path, or ``<state dict>``).
+        hf_config: the Hugging Face ``config.json`` beside the weights when it describes a Swin
+            (``model_type`` ``swin``/``swinv2``): it holds the windows the weights were trained
+            with, which the weights themselves do not. None otherwise.
+        hf_config_path: where ``hf_config`` was read from.
+    """
+
+    content: object
+    source: str
+    hf_config: dict | None = None
+    hf_config_path: str | None = None
 
 
 def resolve_weight_file(path: str | os.PathLike) -> Path:
@@ -72,7 +94,9 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
 
 def _load_torch(path: Path) -> Mapping:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # From an open file: torch.load would pick its reader by a path's suffix.
+        with path.open("rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt files raise RuntimeError, EOFError, UnpicklingError...
         if "weights only load failed" in str(err).lower():
             raise CheckpointReadError(
@@ -97,34 +121,84 @@ def _load_index(path: Path) -> dict[str, Tensor]:
     return state_dict
 
 
+def _sniff(path: Path) -> str | None:
+    """Name a file's format from its first bytes: ``safetensors``, ``torch``, or None.
+
+    safetensors starts with the little-endian length of its JSON header, then ``{``; torch.save
+    writes a zip archive (``PK\\x03\\x04``) or, in the legacy format, a pickle (``\\x80``).
+    """
+    with path.open("rb") as f:
+        head = f.read(9)
+    size = path.stat().st_size
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < size:
+        return "safetensors"
+    if head.startswith((b"PK\x03\x04", b"\x80")):
+        return "torch"
+    return None
+
+
 def read_file(path: str | os.PathLike) -> Mapping:
-    """Read one checkpoint file onto the CPU: safetensors, a shard index, or a torch pickle."""
+    """Read one checkpoint file onto the CPU: safetensors, a shard index, or a torch pickle.
+
+    The contents decide how a file is read, not its suffix (a safetensors file saved as
+    ``.pth`` reads as safetensors); the suffix only decides for files whose first bytes are
+    neither format's (their reader then says why it failed).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointReadError(f"checkpoint: {str(path)!r} is not a file")
     if path.name.endswith(".index.json"):
         return _load_index(path)
-    if path.suffix == ".safetensors":
-        return _load_safetensors(path)
-    if path.suffix in _TORCH_SUFFIXES:
-        return _load_torch(path)
-    with path.open("rb") as f:  # unknown suffix: safetensors starts with a JSON header length
-        head = f.read(10)
-    if len(head) >= 9 and head[8:9] == b"{":
+    kind = _sniff(path)
+    if kind == "safetensors" or (kind is None and path.suffix == ".safetensors"):
         return _load_safetensors(path)
     return _load_torch(path)
 
 
-def read_checkpoint(source: str | os.PathLike | Mapping) -> tuple[Mapping, str]:
-    """Return ``(raw checkpoint, description of where it came from)`` for any supported source."""
+def _read_hf_config(weight_file: Path) -> tuple[dict | None, str | None]:
+    """The transformers Swin ``config.json`` beside ``weight_file``, if there is one."""
+    path = weight_file.parent / HF_CONFIG_FILE
+    if not path.is_file():
+        return None, None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointReadError(
+            f"checkpoint: cannot read {str(path)!r} beside the weights {str(weight_file)!r} "
+            f"(expected a JSON model config): {err}"
+        ) from err
+    if not isinstance(config, dict) or config.get("model_type") not in _HF_MODEL_TYPES:
+        return None, None  # another library's config (timm's has no model_type)
+    return config, str(path)
+
+
+def open_checkpoint(source: str | os.PathLike | Mapping) -> RawCheckpoint:
+    """Read any supported source: a state dict, a file, a hub-style repo or cache folder.
+
+    Returns:
+        A :class:`RawCheckpoint`: the file's contents, its path, and the Hugging Face model
+        config beside it when there is one. ``load_checkpoint`` takes it as its source.
+
+    Example:
+        >>> ckpt = open_checkpoint("/data/hf/swinv2-tiny-patch4-window8-256")  # doctest: +SKIP
+        >>> ckpt.source, ckpt.hf_config["window_size"]  # doctest: +SKIP
+        ('/data/hf/swinv2-tiny-patch4-window8-256/model.safetensors', 8)
+    """
     if isinstance(source, Mapping):
-        return source, "<state dict>"
+        return RawCheckpoint(source, "<state dict>")
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
             f"source: expected a state dict, a file or a folder path, got {type(source).__name__}"
         )
     path = resolve_weight_file(source)
-    return read_file(path), str(path)
+    content = read_file(path)
+    return RawCheckpoint(content, str(path), *_read_hf_config(path))
+
+
+def read_checkpoint(source: str | os.PathLike | Mapping) -> tuple[Mapping, str]:
+    """Return ``(raw checkpoint, description of where it came from)`` for any supported source."""
+    checkpoint = open_checkpoint(source)
+    return checkpoint.content, checkpoint.source
 
 
 def save_state_dict(

@@ -9,6 +9,7 @@ feature pyramid (torchvision's ``FeaturePyramidNetwork``, detectron-style necks)
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Sequence
 
 import torch
@@ -139,7 +140,13 @@ class SwinFeatures(nn.Module):
 
     Holds the model's patch embedding and the stages up to the last one requested; the head and
     the final norm are dropped (timm's ``features_only``). State-dict keys are the model's
-    (``patch_embed.*``, ``layers.{i}.*``), so backbone weights load with ``strict=False``.
+    (``patch_embed.*``, ``layers.{i}.*``), so a full checkpoint loads with
+    ``load_checkpoint(backbone, path, strict=False)`` (the stages it holds; the rest are reported
+    as unexpected keys), with the same checks as the full model (V2 pretrained windows included).
+
+    The maps come in the order of ``out_indices``, as ``feature_info`` lists them and
+    ``forward_dict`` keys them: ``out_indices=(3, 0)`` gives the stride-32 map first. A stage may
+    be listed once.
 
     Args:
         model: a Swin V1 or V2 model.
@@ -163,12 +170,20 @@ class SwinFeatures(nn.Module):
         _check_format(output_fmt)
         num_stages = len(model.layers)
         taken, last = take_indices(num_stages, None if out_indices is None else list(out_indices))
+        repeated = sorted({i for i in taken if taken.count(i) > 1})
+        if repeated:
+            raise ValueError(
+                f"out_indices={tuple(out_indices)} lists stage {repeated[0]} more than once; "
+                f"expected each of the {num_stages} stages at most once"
+            )
         self.out_indices = tuple(taken)
         self.output_fmt = output_fmt
         self.config = model.config
         self.feature_info = FeatureInfo(model.feature_info, self.out_indices)
         self.patch_embed = model.patch_embed
         self.layers = model.layers[: last + 1]
+        # The model's class, for its checkpoint checks (which read only config and layers).
+        self._family = type(model)
 
     @property
     def data_config(self) -> dict:
@@ -187,17 +202,29 @@ class SwinFeatures(nn.Module):
         for stage in self.layers:
             stage.grad_checkpointing = enable
 
+    def check_checkpoint_buffers(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """The full model's check of a checkpoint's V2 coordinate tables (none for V1).
+
+        See ``SwinTransformerV2.check_checkpoint_buffers``; ``load_checkpoint`` calls it.
+        """
+        check = getattr(self._family, "check_checkpoint_buffers", None)
+        if check is not None:
+            check(self, state_dict)
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """``(B, C_in, H, W)`` -> one map per ``out_indices`` entry, in ``output_fmt``."""
-        features = []
+        """``(B, C_in, H, W)`` -> one map per ``out_indices`` entry, in that order and
+        ``output_fmt``."""
+        maps = {}
         x = self.patch_embed(x)  # (B, H/4, W/4, C)
         for i, stage in enumerate(self.layers):
             x = stage(x)  # (B, H_i, W_i, C_i)
-            if i in self.out_indices:
-                nchw = self.output_fmt == "NCHW"
-                features.append(x.permute(0, 3, 1, 2).contiguous() if nchw else x)
-        return features
+            if i in self.out_indices and self.output_fmt == "NCHW":
+                maps[i] = x.permute(0, 3, 1, 2).contiguous()  # (B, C_i, H_i, W_i)
+            elif i in self.out_indices:
+                maps[i] = x
+        return [maps[i] for i in self.out_indices]
 
     def forward_dict(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        """The maps keyed ``"0"``, ``"1"``, ... (what torchvision's FeaturePyramidNetwork takes)."""
+        """The maps keyed by stage index ``"0"``, ``"1"``, ... in ``out_indices`` order (what
+        torchvision's FeaturePyramidNetwork takes)."""
         return OrderedDict((str(i), f) for i, f in zip(self.out_indices, self.forward(x)))

@@ -315,7 +315,7 @@ class SwinTransformerV2(SwinBackbone):
         Raises:
             ValueError: naming the stage, the checkpoint's window and the setting to use.
         """
-        expected = _model_divisors(self)
+        expected = cpb_divisors(self)
         for key, table in state_dict.items():
             official = _OFFICIAL_TABLE.match(key)
             torchvision = _TORCHVISION_TABLE.match(key)
@@ -366,7 +366,7 @@ def _table_divisor(table: torch.Tensor) -> tuple[int, int] | None:
     return divisors[0], divisors[1]
 
 
-def _model_divisors(model: SwinTransformerV2) -> list[tuple[int, int] | None]:
+def cpb_divisors(model: SwinTransformerV2) -> list[tuple[int, int] | None]:
     """Per stage, the divisor the model uses at its configured image size."""
     config = model.config
     height, width = to_2tuple(config.img_size, "img_size")
