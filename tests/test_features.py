@@ -204,3 +204,13 @@ def test_backbone_checks_the_v2_pretrained_windows_of_a_checkpoint(tmp_path):
         maps = right(x)
     for got, want in zip(maps, expected):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_an_int_out_indices_takes_the_last_stages():
+    # As timm's feature_take_indices (and forward_intermediates here): an int n is the last n.
+    model = winattn.create_model("swin_tiny_patch4_window7_224", features_only=True, out_indices=2,
+                                 embed_dim=16, depths=(2, 2, 2), num_heads=(2, 4, 8))
+    assert model.out_indices == (1, 2)
+    assert [t.shape[1] for t in model(torch.randn(1, 3, 64, 64))] == [32, 64]
+    with pytest.raises(ValueError, match=r"indices=-1 asks for the last -1 stages"):
+        winattn.create_model("swin_tiny_patch4_window7_224", features_only=True, out_indices=-1)

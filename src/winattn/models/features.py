@@ -169,7 +169,9 @@ class SwinFeatures(nn.Module):
         super().__init__()
         _check_format(output_fmt)
         num_stages = len(model.layers)
-        taken, last = take_indices(num_stages, None if out_indices is None else list(out_indices))
+        if out_indices is not None and not isinstance(out_indices, int):
+            out_indices = list(out_indices)
+        taken, last = take_indices(num_stages, out_indices)  # an int n: the last n stages
         repeated = sorted({i for i in taken if taken.count(i) > 1})
         if repeated:
             raise ValueError(
