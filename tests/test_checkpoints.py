@@ -539,3 +539,27 @@ def test_convert_creates_the_output_folder(name, tmp_path):
     target = create_named("swin_demo_patch2_window4_16")
     load_checkpoint(target, out)
     assert_same_state(target.state_dict(), state)
+
+
+@pytest.mark.parametrize("name", ["cut.safetensors", "cut.pth"])
+def test_a_truncated_safetensors_file_is_named_as_one(name, tmp_path):
+    # Its header length's first byte can be 0x80, a pickle's first byte: it was then read by
+    # torch.load, whose error advised unpickling it with weights_only=False.
+    from winattn.checkpoints import CheckpointReadError
+
+    save_state_dict(tmp_path / "whole.safetensors", randomize_(native_tiny(1)).state_dict())
+    whole = (tmp_path / "whole.safetensors").read_bytes()
+    (tmp_path / name).write_bytes(whole[: len(whole) // 3])
+    with pytest.raises(CheckpointReadError, match=r"cannot read safetensors file .*cut"):
+        load_checkpoint(native_tiny(1), tmp_path / name)
+
+
+def test_convert_with_model_takes_the_checkpoints_class_count(tmp_path):
+    # A fine-tune's 3-class head checked against the variant's default 1000 classes failed.
+    from winattn.cli.main import main
+
+    source = tmp_path / "finetuned.pth"
+    model = randomize_(create_named("swin_demo_patch2_window4_16", num_classes=3))
+    torch.save(model.state_dict(), source)
+    assert main(["convert", str(source), str(tmp_path / "o.safetensors"),
+                 "--model", "swin_demo_patch2_window4_16"]) == 0

@@ -44,8 +44,10 @@ def test_export_runs_in_onnxruntime_and_rejects_old_opsets(tmp_path, capsys):
     pytest.importorskip("onnxscript")
     out = tmp_path / "demo.onnx"
     name = "swin_demo_patch2_window4_16"
-    assert main(["export", "--model", name, "--out", str(out), "--opset", "13"]) == 2
-    assert "opset=13 is not supported" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # refused by the parser, before any model is built
+        main(["export", "--model", name, "--out", str(out), "--opset", "13"])
+    assert exc.value.code == 2
+    assert "--opset: expected an integer >= 17, got '13'" in capsys.readouterr().err
     torch.manual_seed(0)
     model = winattn.create_model(name).eval()
     torch.save(model.state_dict(), tmp_path / "demo.pth")

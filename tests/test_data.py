@@ -9,8 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from winattn.data import (DataError, DigitsDataset, build_datasets, build_transform,
-                          imagenet_class_names, load_rgb, read_csv_dataset, scan_image_folder)
+from winattn.data import (
+    DataError,
+    DigitsDataset,
+    build_datasets,
+    build_transform,
+    imagenet_class_names,
+    load_rgb,
+    read_csv_dataset,
+    scan_image_folder,
+)
 from winattn.data.transforms import SeededTransformDataset
 
 CONFIG = {"input_size": (3, 16, 16), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
@@ -165,7 +173,74 @@ def test_csv_dataset(tmp_path):
     assert len(splits.train) == 1 and len(splits.val) == 1
 
 
+def test_csv_must_be_utf8_and_the_error_names_the_file_and_option(tmp_path):
+    _png(tmp_path / "imgs" / "x.png")
+    _png(tmp_path / "imgs" / "y.png")
+    bad = tmp_path / "latin1.csv"
+    bad.write_bytes("imgs/x.png,caf\xe9\nimgs/y.png,b\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"data: CSV file .*latin1.csv' is not UTF-8 text "
+                                        r"\(byte 0xe9 at offset 14\)"):
+        build_datasets(bad)
+    good = tmp_path / "list.csv"
+    good.write_text("imgs/x.png,a\nimgs/y.png,b\n")
+    with pytest.raises(DataError, match=r"val_data: CSV file .*latin1.csv' is not UTF-8"):
+        build_datasets(good, val_data=bad)
+    # UTF-8 with a byte-order mark (what spreadsheet programs write) reads as UTF-8.
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("\ufeffpath,label\nimgs/x.png,café\nimgs/y.png,b\n".encode("utf-8"))
+    assert read_csv_dataset(bom).class_names == ["b", "café"]
+
+
 # ---- transforms ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("input_size, crop_pct, interpolation", [
+    ((3, 16, 16), 0.9, "bicubic"),    # Swin's published eval settings, at a small size
+    ((3, 16, 24), 0.875, "bicubic"),  # a non-square model input
+    ((3, 20, 20), 1.0, "bilinear"),   # crop_pct 1 still keeps the aspect ratio
+])
+def test_eval_transform_is_timms_and_keeps_the_aspect_ratio(input_size, crop_pct, interpolation):
+    # build_transform used to squash every image to (H/crop_pct, W/crop_pct); timm (and
+    # torchvision's references) scale the image, aspect ratio kept, and cut the centre.
+    timm_data = pytest.importorskip("timm.data")
+    cfg = {"input_size": input_size, "interpolation": interpolation, "crop_pct": crop_pct,
+           "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    rng = np.random.default_rng(0)
+    for shape in ((37, 61, 3), (61, 37, 3)):  # wide and tall
+        img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+        theirs = timm_data.create_transform(**cfg, is_training=False, crop_mode="center")
+        ours = build_transform(cfg, train=False)
+        torch.testing.assert_close(ours(img), theirs(img), rtol=0, atol=1e-6)
+        # The pixels before normalisation are the same bytes: PIL's resampling in both.
+        theirs_u8 = timm_data.create_transform(**cfg, is_training=False, crop_mode="center",
+                                               normalize=False)(img)
+        from torchvision.transforms import InterpolationMode
+
+        from winattn.data.transforms import eval_geometry
+
+        _, height, width = input_size
+        ours_img = img
+        for step in eval_geometry(height, width, crop_pct, InterpolationMode(interpolation)):
+            ours_img = step(ours_img)
+        assert torch.equal(torch.from_numpy(np.array(ours_img)).permute(2, 0, 1), theirs_u8)
+
+
+def test_eval_transform_of_a_swin_model_matches_timms_data_config():
+    timm = pytest.importorskip("timm")
+    import winattn
+
+    name = "swin_tiny_patch4_window7_224"
+    theirs = timm.data.resolve_data_config({}, model=timm.create_model(name, pretrained=False))
+    ours = winattn.create_model(name).data_config
+    for key in ("input_size", "mean", "std"):
+        assert tuple(ours[key]) == tuple(theirs[key]), key
+    assert (ours["interpolation"], ours["crop_pct"]) == (theirs["interpolation"],
+                                                         theirs["crop_pct"]) == ("bicubic", 0.9)
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 400, 3),
+                                                            dtype=np.uint8))
+    expected = timm.data.create_transform(**theirs, is_training=False)(img)
+    torch.testing.assert_close(build_transform(ours, train=False)(img), expected, rtol=0,
+                               atol=1e-6)
+
+
 def test_seeded_augmentation_depends_only_on_seed_epoch_index():
     base = DigitsDataset("train")
     tf = build_transform(CONFIG, train=True, augment="light")

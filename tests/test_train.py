@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -9,12 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _winattn_train_stub as stub
 import pytest
 import torch
 from torch import nn
 
-import _winattn_train_stub as stub
-from winattn.train import Interrupted, Trainer, TrainConfig, atomic_save, train
+from winattn.train import Interrupted, TrainConfig, Trainer, atomic_save, train
 from winattn.train.optim import ModelEma, build_optimizer, build_scheduler, param_groups
 from winattn.train.report import read_metrics
 from winattn.train.state import load_train_checkpoint
@@ -151,7 +152,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch,
     extra = dict(augment="light", mixup=0.4, ema_decay=0.8)
     train(_cfg(tmp_path, "straight", **extra))
 
-    monkeypatch.setattr(Trainer, "_should_stop", lambda self, stop: self.global_step ==
+    monkeypatch.setattr(Trainer, "_should_stop", lambda self, stop, loss: self.global_step ==
                         stop_at_step)
     with pytest.raises(Interrupted):
         train(_cfg(tmp_path, "broken", **extra))
@@ -181,7 +182,7 @@ def test_resume_refuses_a_different_configuration(tmp_path):
     train(_cfg(tmp_path, epochs=1))
     with pytest.raises(ValueError, match="resume: .*best.pt.* holds weights only"):
         train(_cfg(tmp_path, epochs=1, resume=str(tmp_path / "run" / "best.pt")))
-    with pytest.raises(ValueError, match="resume: batch_size is 16"):
+    with pytest.raises(ValueError, match="--batch-size: checkpoint 32, given 16"):
         train(_cfg(tmp_path, epochs=1, batch_size=16, resume="auto"))
 
 
@@ -269,3 +270,143 @@ def test_a_cuda_group_is_left_alone_when_one_rank_fails(tmp_path, monkeypatch, o
         with pytest.raises(Interrupted if outcome == "interrupted" else RuntimeError):
             train(_cfg(tmp_path, "run"))
     assert len(torn_down) == (0 if outcome == "failed" and device == "cuda" else 1)
+
+
+# ---- resume: settings, finished runs ------------------------------------------------------------
+@pytest.mark.parametrize("change, message", [
+    (dict(img_size=8), "--img-size: checkpoint 16, given 8"),
+    (dict(lr=1e-2), "--lr: checkpoint 0.003, given 0.01"),
+    (dict(max_steps_per_epoch=3), "--max-steps-per-epoch: checkpoint 4, given 3"),
+    (dict(min_lr=1e-4), "--min-lr: checkpoint 1e-06, given 0.0001"),
+    (dict(warmup_epochs=0.5), "--warmup-epochs: checkpoint 1.0, given 0.5"),
+    (dict(augment="none", label_smoothing=0.0),
+     "--label-smoothing: checkpoint 0.1, given 0.0; --augment: checkpoint 'auto', given 'none'"),
+])
+def test_resume_refuses_every_setting_that_changes_the_run(tmp_path, change, message):
+    # A new --img-size used to continue at the new size, a new --lr was overridden by the
+    # restored schedule: both silently.
+    with pytest.raises(Interrupted):
+        trainer = Trainer(_cfg(tmp_path), stub_env())
+        trainer._should_stop = lambda stop, loss: trainer.global_step == 2
+        trainer.fit()
+    with pytest.raises(ValueError) as err:
+        train(_cfg(tmp_path, resume="auto", **change))
+    text = str(err.value)
+    assert "was trained with other settings" in text and message in text, text
+
+
+def stub_env():
+    from winattn.train.distributed import DistEnv
+
+    return DistEnv()
+
+
+def test_resume_accepts_settings_that_cannot_change_the_result(tmp_path):
+    with pytest.raises(Interrupted):
+        trainer = Trainer(_cfg(tmp_path), stub_env())
+        trainer._should_stop = lambda stop, loss: trainer.global_step == 2
+        trainer.fit()
+    train(_cfg(tmp_path, resume="auto", workers=1, progress=True, device="cpu",
+               grad_checkpointing=True))
+    assert load_train_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 3
+
+
+def test_every_setting_is_either_checked_or_free_on_resume():
+    from dataclasses import fields
+
+    from winattn.train.state import RESUME_MAY_DIFFER, RESUME_MUST_MATCH
+
+    names = {f.name for f in fields(TrainConfig)}
+    assert not set(RESUME_MUST_MATCH) & set(RESUME_MAY_DIFFER)
+    assert set(RESUME_MUST_MATCH) | set(RESUME_MAY_DIFFER) == names
+
+
+def test_resume_refuses_a_training_set_of_another_size(tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    for k, name in enumerate(("a", "b")):
+        (data / "train" / name).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (16, 16), (90 * k, 8 * i, 40)).save(data / "train" / name / f"{i}.png")
+    cfg = dict(data=str(data), batch_size=4, epochs=2, max_steps_per_epoch=2, val_fraction=0.2)
+    train(_cfg(tmp_path, **{**cfg, "epochs": 1}))
+    Image.new("RGB", (16, 16)).save(data / "train" / "a" / "extra.png")
+    with pytest.raises(ValueError, match="--epochs: checkpoint 1, given 2; --data train "
+                                         "samples: checkpoint 16, given 17"):
+        train(_cfg(tmp_path, resume="auto", **cfg))
+
+
+def test_resume_of_a_finished_run_says_it_is_complete_and_writes_nothing(tmp_path, capsys):
+    from winattn.cli.main import main
+
+    train(_cfg(tmp_path, epochs=1))
+    finished = tmp_path / "run" / "last.pt"
+    before = finished.read_bytes()
+    capsys.readouterr()
+    args = ["train", "--model", "tiny_test", "--img-size", "16", "--epochs", "1",
+            "--batch-size", "32", "--lr", "3e-3", "--warmup-epochs", "1",
+            "--max-steps-per-epoch", "4", "--val-fraction", "0.05", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "new"), "--resume", str(finished)]) == 0
+    out = capsys.readouterr().out
+    assert f"the run is already complete: {finished} holds all 1 epochs" in out
+    assert f"nothing was written to {tmp_path / 'new'}" in out
+    assert not (tmp_path / "new" / "last.pt").exists()
+    assert main([*args, "--out", str(tmp_path / "run"), "--resume"]) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert finished.read_bytes() == before
+
+
+# ---- non-finite values --------------------------------------------------------------------------
+@pytest.mark.parametrize("field", ["lr", "min_lr", "weight_decay", "warmup_epochs", "clip_grad",
+                                   "mixup", "label_smoothing"])
+@pytest.mark.parametrize("value", [math.inf, math.nan])
+def test_config_refuses_non_finite_numbers(field, value):
+    with pytest.raises(ValueError, match=f"{field}: expected a finite number, got {value}"):
+        TrainConfig(model="m", **{field: value}).validate()
+
+
+def test_config_refuses_min_lr_above_lr():
+    with pytest.raises(ValueError, match=r"min_lr: expected a number <= lr \(0.001\)"):
+        TrainConfig(model="m", lr=1e-3, min_lr=2e-3).validate()
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    from winattn.train.loop import TrainingDiverged
+
+    trainer = Trainer(_cfg(tmp_path), stub_env())
+    criterion = trainer.criterion
+
+    def diverging(logits, targets):
+        loss = criterion(logits, targets)
+        return loss * math.nan if trainer.global_step == 5 else loss  # 2nd step of epoch 2
+
+    trainer.criterion = diverging
+    with pytest.raises(TrainingDiverged, match=r"the training loss is nan at step 2 of epoch 2 "
+                                               r"\(step 6 overall\)"):
+        trainer.fit()
+    out = tmp_path / "run"
+    ckpt = load_train_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]
+
+
+def test_a_diverged_run_exits_with_an_error_not_a_traceback(tmp_path, monkeypatch, capsys):
+    from winattn.cli.main import main
+    from winattn.train import loop
+
+    class NanLoss(nn.CrossEntropyLoss):
+        def forward(self, logits, targets):
+            return super().forward(logits, targets) * math.nan
+
+    monkeypatch.setattr(loop.nn, "CrossEntropyLoss", NanLoss)
+    assert main(["train", "--model", "tiny_test", "--img-size", "16", "--batch-size", "32",
+                 "--max-steps-per-epoch", "2", "--epochs", "1", "--no-progress",
+                 "--val-fraction", "0.05", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "training diverged: the training loss is nan at step 1 of epoch 1" in err
+    assert "no checkpoint was written" in err
+    assert not (tmp_path / "r" / "last.pt").exists()

@@ -129,8 +129,9 @@ def _sniff(path: Path) -> str | None:
     """
     with path.open("rb") as f:
         head = f.read(9)
-    size = path.stat().st_size
-    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < size:
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 2**32:
+        # Also when the header is longer than the file (truncated): the safetensors reader
+        # then says so. A header length's first byte can be 0x80, a pickle's first byte.
         return "safetensors"
     if head.startswith((b"PK\x03\x04", b"\x80")):
         return "torch"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,56 +14,91 @@ from torch import nn
 
 from winattn.data.folder import DataError, scan_image_folder
 from winattn.train import build
-from winattn.train.state import CHECKPOINT_FORMAT
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    from winattn.train.distributed import resolve_device
+
+    return resolve_device(name)
 
 
-def _read_checkpoint(path: str) -> dict[str, Any] | None:
-    """Our training checkpoint as a dict, or None when ``path`` is some other format."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint: {path!r} does not exist")
-    if p.is_file() and p.suffix in (".pt", ".pth"):
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:  # holds other Python objects: not a winattn checkpoint
-            return None
-        if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-            return obj
-    return None
+def _fetch_pretrained(model_name: str) -> str:
+    """The cached or downloaded file of ``--pretrained`` weights, or an error in CLI terms."""
+    from winattn.checkpoints.hub import PRETRAINED_TAGS, resolve_pretrained
+
+    if model_name not in PRETRAINED_TAGS:
+        raise ValueError(f"--pretrained: no published weights for --model {model_name!r}; "
+                         f"models with weights: {', '.join(sorted(PRETRAINED_TAGS))}")
+    try:
+        return str(resolve_pretrained(model_name))
+    except RuntimeError as err:  # network, offline mode, missing repo
+        cause = err.__cause__ or err
+        raise ValueError(f"--pretrained: the published weights of {model_name} could not be "
+                         f"fetched or found in the hub cache ({type(cause).__name__}: {cause}). "
+                         f"Without network, download the weight file elsewhere and pass "
+                         f"--checkpoint PATH instead") from err
+
+
+def _head_classes(raw: Any, where: str) -> int | None:
+    """The class count of a foreign checkpoint's classifier, or None (no head, or not a layout
+    we know: loading it then says what is wrong)."""
+    from winattn.checkpoints.convert import to_native, unwrap
+    from winattn.checkpoints.load import HEAD_PREFIX
+
+    try:
+        native, _ = to_native(unwrap(raw, source=f"checkpoint {where}"))
+    except (TypeError, ValueError):
+        return None
+    head = native.get(HEAD_PREFIX + "weight")
+    return int(head.shape[0]) if head is not None and head.ndim == 2 else None
 
 
 def load_model_for_inference(checkpoint: str | None, model_name: str | None, *,
-                             pretrained: bool = False, use_ema: bool = True
+                             pretrained: bool = False, use_ema: bool = True,
+                             random_weights: bool = False
                              ) -> tuple[nn.Module, list[str], dict[str, Any], dict | None]:
-    """Build a model for eval/predict: returns (model, class_names, data_config, our_ckpt).
+    """Build a model for eval/predict/export: returns (model, class_names, data_config, our_ckpt).
 
     A winattn training checkpoint carries its model name, class names and data config. Any other
-    checkpoint (official, timm, torchvision, Hugging Face) needs ``model_name``; its classes are
-    ImageNet-1k's when it has 1000 outputs.
+    checkpoint (official, timm, torchvision, Hugging Face, or one ``winattn convert`` wrote)
+    needs ``model_name``; the model gets the checkpoint's class count, whose names are
+    ImageNet-1k's for 1000 classes and ``class_0``, ``class_1``, ... otherwise. Every file is
+    read through ``winattn.checkpoints.read_checkpoint``, so an unreadable one is an error that
+    names it. Without ``checkpoint`` or ``pretrained`` the weights would be random: refused
+    unless ``random_weights`` (``export`` of a graph).
     """
+    from winattn.checkpoints.io import read_checkpoint
     from winattn.data import imagenet_class_names
+    from winattn.train.state import check_train_checkpoint, is_train_checkpoint
 
-    ckpt = _read_checkpoint(checkpoint) if checkpoint else None
-    if ckpt is not None:
+    if checkpoint and pretrained:
+        raise ValueError(f"--pretrained and --checkpoint {checkpoint!r}: pass one of them, not "
+                         f"both (which weights did you mean?)")
+    if not checkpoint and not pretrained and not random_weights:
+        raise ValueError("no weights: pass --checkpoint PATH or --pretrained (the model would "
+                         "otherwise predict from random weights)")
+    if pretrained and not model_name:
+        raise ValueError("--pretrained: pass --model NAME to say whose published weights")
+    source = _fetch_pretrained(model_name) if pretrained else checkpoint
+    raw, where = read_checkpoint(source) if source else (None, None)
+    if is_train_checkpoint(raw):
+        ckpt = check_train_checkpoint(raw, where)
         if model_name and model_name != ckpt["model_name"]:
             raise ValueError(f"model: {model_name!r} given, but checkpoint {checkpoint!r} holds a "
                              f"{ckpt['model_name']!r}")
-        model = build.model_from_checkpoint(ckpt, use_ema=use_ema)
+        model = build.model_from_checkpoint(ckpt, use_ema=use_ema, source=where)
         return model, ckpt["class_names"], ckpt["data_config"], ckpt
     if not model_name:
-        what = f"checkpoint {checkpoint!r} is not a winattn training checkpoint" if checkpoint \
-            else "no checkpoint given"
-        raise ValueError(f"model: {what}; pass --model NAME to say which model it holds")
-    if checkpoint:
-        model = build.create_model(model_name, checkpoint=checkpoint)
-    else:
-        model = build.create_model(model_name, pretrained=pretrained)
+        raise ValueError(f"model: checkpoint {checkpoint!r} is not a winattn training checkpoint;"
+                         f" pass --model NAME to say which model it holds")
+    kwargs: dict[str, Any] = {}
+    if raw is not None:
+        num_classes = _head_classes(raw, where)
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        kwargs["checkpoint"] = where  # read again by the loader, which names it in its errors
+    del raw
+    model = build.create_model(model_name, **kwargs)
     num_classes = model.num_classes
     names = (imagenet_class_names() if num_classes == 1000
              else [f"class_{i}" for i in range(num_classes)])
@@ -87,13 +121,17 @@ def run_eval(checkpoint: str, *, model_name: str | None = None, data: str | None
     from winattn.train.evaluate import evaluate
     from winattn.train.report import plot_confusion
 
+    dev = _device(device)  # checked before a large checkpoint is read
     model, class_names, data_config, ckpt = load_model_for_inference(
         checkpoint, model_name, use_ema=use_ema)
     saved = ckpt["config"] if ckpt else {}
     data = data or saved.get("data")
     if data is None:
         raise ValueError("data: this checkpoint does not name its dataset; pass --data")
-    val_fraction = val_fraction or saved.get("val_fraction", 0.2)
+    if val_fraction is None:
+        val_fraction = saved.get("val_fraction", 0.2)
+    elif not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction: expected a number in (0, 1), got {val_fraction!r}")
     same_as_training = ckpt is not None and data == saved.get("data")
     if same_as_training and val_fraction != saved.get("val_fraction", 0.2):
         warnings.warn(f"val_fraction {val_fraction} differs from training's "
@@ -114,7 +152,6 @@ def run_eval(checkpoint: str, *, model_name: str | None = None, data: str | None
         raise DataError(f"data: classes {data_classes[:10]} of {data!r} do not match the "
                         f"model's {class_names[:10]}")
     val = SeededTransformDataset(val_set, build_transform(data_config, train=False))
-    dev = _device(device)
     loader = torch.utils.data.DataLoader(val, batch_size=batch_size)
     result = evaluate(model.to(dev), loader, num_classes=len(class_names), device=dev)
     out_dir = Path(out) if out else Path(checkpoint).parent
@@ -162,10 +199,10 @@ def predict_files(model: nn.Module, paths: list[str], class_names: list[str],
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    device = _device(args.device)
     model, class_names, data_config, _ = load_model_for_inference(
         args.checkpoint, args.model, pretrained=args.pretrained, use_ema=not args.no_ema)
-    results = predict_files(model, args.images, class_names, data_config, args.topk,
-                            _device(args.device))
+    results = predict_files(model, args.images, class_names, data_config, args.topk, device)
     for r in results:
         if args.json:
             print(json.dumps(r))
@@ -204,6 +241,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     for name in names:
         kwargs = {"img_size": args.img_size} if args.img_size else {}
         model = build.create_model(name, **kwargs).eval()
+        build.check_img_size(model, name, args.img_size)
         params = sum(p.numel() for p in model.parameters())
         c, h, w = model.data_config["input_size"]
         line = f"{name:44s} {params / 1e6:9.2f}M {f'{c}x{h}x{w}':>12s}"

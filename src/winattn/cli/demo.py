@@ -25,7 +25,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from winattn.cli.commands import load_model_for_inference, predict_files, run_eval
     from winattn.cli.main import _train_config
     from winattn.data.digits import DigitsDataset
-    from winattn.train.loop import LAST, train
+    from winattn.train.loop import LAST, RunComplete, train
 
     start = time.perf_counter()
     overrides = {k: v for k, v in DEMO_SETTINGS.items() if getattr(args, k) is None}
@@ -33,10 +33,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(cfg.out)
     print(f"training {cfg.model} from scratch on the digits set at {cfg.img_size}x{cfg.img_size} "
           f"({cfg.epochs} epochs, torch threads: {torch.get_num_threads()}) -> {out}", flush=True)
-    train(cfg)
+    checkpoint = str(out / LAST)
+    try:
+        train(cfg)
+    except RunComplete as done:  # --resume of a finished run: evaluate and predict with it
+        print(done)
+        checkpoint = str(done.checkpoint)
     train_seconds = time.perf_counter() - start
 
-    checkpoint = str(out / LAST)
     result, _ = run_eval(checkpoint, out=str(out))
 
     val = DigitsDataset("val", val_fraction=cfg.val_fraction, seed=cfg.seed)

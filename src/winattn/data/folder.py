@@ -9,7 +9,7 @@ readable sample in the list, and counted and warned about once.
 from __future__ import annotations
 
 import csv
-import logging
+import io
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -18,8 +18,6 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from winattn.data.images import BadImageError, is_image_name, load_rgb, probe_image
-
-log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -39,8 +37,9 @@ class ScanReport:
         shown = "; ".join(f"{p} ({why})" for p, why in self.skipped[:5])
         more = f" and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""
         msg = f"{what}: skipped {len(self.skipped)} unreadable or non-image file(s): {shown}{more}"
+        # One channel only: a logging call as well printed the line twice, once through
+        # logging's fallback handler when the application configures no logging.
         warnings.warn(msg, stacklevel=3)
-        log.warning(msg)
 
 
 class ImageListDataset(Dataset):
@@ -141,37 +140,45 @@ def scan_image_folder(root: str | os.PathLike, class_names: list[str] | None = N
     return ImageListDataset(samples, class_names, report)
 
 
-def read_csv_dataset(path: str | os.PathLike, class_names: list[str] | None = None
-                     ) -> ImageListDataset:
-    """Read a CSV of ``path,label`` rows (an optional header row ``path,label`` is skipped).
+def read_csv_dataset(path: str | os.PathLike, class_names: list[str] | None = None, *,
+                     argument: str = "data") -> ImageListDataset:
+    """Read a UTF-8 CSV of ``path,label`` rows (an optional header row ``path,label`` is skipped;
+    a byte-order mark is allowed).
 
     Relative paths are relative to the CSV's folder. Labels are class names (any strings);
-    classes are sorted by name unless ``class_names`` is given.
+    classes are sorted by name unless ``class_names`` is given. ``argument`` names the option
+    the file came from in error messages (``data``, ``val_data``).
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"CSV file {str(path)!r} does not exist")
+        raise DataError(f"{argument}: CSV file {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{argument}: CSV file {str(path)!r} is not UTF-8 text (byte "
+                        f"0x{err.object[err.start]:02x} at offset {err.start}); expected UTF-8 "
+                        f"lines 'path,label'") from err
     rows: list[tuple[str, str]] = []
-    with open(path, newline="") as fh:
-        for lineno, row in enumerate(csv.reader(fh), start=1):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != 2:
-                raise DataError(f"CSV file {str(path)!r} line {lineno}: expected 2 columns "
-                                f"'path,label', got {len(row)}: {row!r}")
-            p, label = row[0].strip(), row[1].strip()
-            if lineno == 1 and (p.lower(), label.lower()) == ("path", "label"):
-                continue
-            rows.append((p, label))
+    for lineno, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != 2:
+            raise DataError(f"{argument}: CSV file {str(path)!r} line {lineno}: expected 2 "
+                            f"columns 'path,label', got {len(row)}: {row!r}")
+        p, label = row[0].strip(), row[1].strip()
+        if lineno == 1 and (p.lower(), label.lower()) == ("path", "label"):
+            continue
+        rows.append((p, label))
     if not rows:
-        raise DataError(f"CSV file {str(path)!r} has no rows; expected lines 'path,label'")
+        raise DataError(f"{argument}: CSV file {str(path)!r} has no rows; expected lines "
+                        f"'path,label'")
     if class_names is None:
         class_names = sorted({label for _, label in rows})
     index = {name: i for i, name in enumerate(class_names)}
     unknown = sorted({label for _, label in rows} - set(index))
     if unknown:
-        raise DataError(f"CSV file {str(path)!r} has label(s) {unknown[:10]} that are not among "
-                        f"the training classes")
+        raise DataError(f"{argument}: CSV file {str(path)!r} has label(s) {unknown[:10]} that "
+                        f"are not among the training classes")
     report = ScanReport()
     samples = []
     for p, label in rows:
@@ -184,5 +191,5 @@ def read_csv_dataset(path: str | os.PathLike, class_names: list[str] | None = No
     report.kept = len(samples)
     report.warn(f"CSV file {str(path)!r}")
     if not samples:
-        raise DataError(f"CSV file {str(path)!r} lists no readable images")
+        raise DataError(f"{argument}: CSV file {str(path)!r} lists no readable images")
     return ImageListDataset(samples, class_names, report)

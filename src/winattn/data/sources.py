@@ -43,12 +43,12 @@ def _split(dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
             Subset(dataset, np.sort(order[:num_val]).tolist()))
 
 
-def _read_any(path: Path, class_names: list[str] | None):
+def _read_any(path: Path, class_names: list[str] | None, argument: str):
     if path.is_dir():
         return scan_image_folder(path, class_names)
     if path.suffix.lower() == ".csv":
-        return read_csv_dataset(path, class_names)
-    raise DataError(f"data: expected 'digits', a folder, or a .csv file, got {str(path)!r}")
+        return read_csv_dataset(path, class_names, argument=argument)
+    raise DataError(f"{argument}: expected 'digits', a folder, or a .csv file, got {str(path)!r}")
 
 
 def build_datasets(data: str | os.PathLike, *, val_data: str | os.PathLike | None = None,
@@ -77,7 +77,7 @@ def build_datasets(data: str | os.PathLike, *, val_data: str | os.PathLike | Non
         if val_data is None and not val_path.is_dir():
             val_path = None
     else:
-        train = _read_any(path, None)
+        train = _read_any(path, None, "data")
         kind = "csv"
         val_path = Path(val_data) if val_data is not None else None
     if val_path is None:
@@ -85,5 +85,5 @@ def build_datasets(data: str | os.PathLike, *, val_data: str | os.PathLike | Non
     else:
         if not val_path.exists():
             raise DataError(f"val_data: {str(val_path)!r} does not exist")
-        train_set, val_set = train, _read_any(val_path, train.class_names)
+        train_set, val_set = train, _read_any(val_path, train.class_names, "val_data")
     return DataSplits(train_set, val_set, train.class_names, kind)

@@ -2,8 +2,8 @@
 
 from winattn.train.config import TrainConfig
 from winattn.train.evaluate import EvalResult, evaluate
-from winattn.train.loop import Interrupted, Trainer, train
+from winattn.train.loop import Interrupted, RunComplete, Trainer, TrainingDiverged, train
 from winattn.train.state import atomic_save, load_train_checkpoint
 
-__all__ = ["EvalResult", "Interrupted", "TrainConfig", "Trainer", "atomic_save", "evaluate",
-           "load_train_checkpoint", "train"]
+__all__ = ["EvalResult", "Interrupted", "RunComplete", "TrainConfig", "Trainer",
+           "TrainingDiverged", "atomic_save", "evaluate", "load_train_checkpoint", "train"]

@@ -18,6 +18,15 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     return winattn.create_model(name, **kwargs)
 
 
+def check_img_size(model: nn.Module, name: str, img_size: int | None) -> None:
+    """Refuse an input smaller than the model's patch now, naming ``--img-size`` and the smallest
+    size accepted, instead of at the first forward pass."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if img_size is not None and isinstance(patch, int) and img_size < patch:
+        raise ValueError(f"--img-size: expected at least {patch} (one {patch}x{patch} patch of "
+                         f"{name}), got {img_size}")
+
+
 def load_weights(model: nn.Module, source: str, *, drop_head: bool = False) -> Any:
     """``winattn.load_checkpoint``: any supported checkpoint format."""
     import winattn
@@ -25,11 +34,23 @@ def load_weights(model: nn.Module, source: str, *, drop_head: bool = False) -> A
     return winattn.load_checkpoint(model, source, drop_head=drop_head)
 
 
-def model_from_checkpoint(ckpt: dict[str, Any], *, use_ema: bool = True) -> nn.Module:
-    """Rebuild the model a training checkpoint describes and load its (EMA, if any) weights."""
+def model_from_checkpoint(ckpt: dict[str, Any], *, use_ema: bool = True,
+                          source: str = "checkpoint") -> nn.Module:
+    """Rebuild the model a training checkpoint describes and load its (EMA, if any) weights.
+
+    Raises:
+        CheckpointReadError: the weights do not fit the model the checkpoint names (a file
+            edited or mixed up by hand); the message names ``source``.
+    """
+    from winattn.checkpoints.io import CheckpointReadError
+
     model = create_model(ckpt["model_name"], **ckpt["model_kwargs"])
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise CheckpointReadError(f"checkpoint: the weights in {source!r} do not fit the model "
+                                  f"{ckpt['model_name']!r} it names: {err}") from err
     return model.eval()
 
 

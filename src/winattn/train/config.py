@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from winattn.train.distributed import DEVICE_CHOICES, device_problem
 
 
 def folder_problem(path: str | Path) -> str | None:
@@ -65,10 +68,16 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
 
+        for name in FLOAT_FIELDS:  # inf and nan compare false or true where they should not
+            value = getattr(self, name)
+            need(value is None or math.isfinite(value), name, "a finite number")
         need(self.epochs >= 1, "epochs", "an integer >= 1")
         need(self.batch_size >= 1, "batch_size", "an integer >= 1")
         need(self.lr > 0, "lr", "a positive number")
         need(self.min_lr >= 0, "min_lr", "a number >= 0")
+        need(self.min_lr <= self.lr, "min_lr", f"a number <= lr ({self.lr!r}), the rate the "
+             f"cosine schedule decays from")
+        need(0 < self.val_fraction < 1, "val_fraction", "a number in (0, 1)")
         need(self.warmup_epochs >= 0, "warmup_epochs", "a number >= 0")
         need(self.weight_decay >= 0, "weight_decay", "a number >= 0")
         need(0 <= self.label_smoothing < 1, "label_smoothing", "a number in [0, 1)")
@@ -80,6 +89,7 @@ class TrainConfig:
         need(self.cutmix >= 0, "cutmix", "an alpha >= 0 (0 = off)")
         need(0 <= self.ema_decay < 1, "ema_decay", "a number in [0, 1) (0 = off)")
         need(self.workers >= 0, "workers", "an integer >= 0")
+        need(device_problem(self.device) is None, "device", DEVICE_CHOICES)
         problem = folder_problem(self.out)
         if problem:
             raise ValueError(f"out: expected a folder (it may not exist yet), got {problem}")
@@ -94,3 +104,7 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+#: The real-valued settings: each must be finite (``float("inf")`` passes ``> 0``).
+FLOAT_FIELDS = tuple(f.name for f in fields(TrainConfig) if "float" in str(f.type))

@@ -25,16 +25,44 @@ class DistEnv:
         return self.world_size > 1
 
 
-def _pick_device(name: str, local_rank: int) -> torch.device:
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def device_problem(name: str) -> str | None:
+    """Why ``name`` is not a device name winattn runs on, or None: the spelling only (whether
+    the device exists is :func:`resolve_device`'s question)."""
+    if name in ("auto", "cpu", "cuda"):
+        return None
+    if name.startswith("cuda:") and name[5:].isdigit():
+        return None
+    return f"expected {DEVICE_CHOICES}, got {name!r}"
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device ``--device NAME`` means on this process, checked to exist.
+
+    ``auto`` is the GPU when there is one, else the CPU; ``cuda`` is this process's GPU under
+    ``torchrun`` (``LOCAL_RANK`` modulo the number of GPUs); ``cuda:N`` is GPU ``N``.
+
+    Raises:
+        ValueError: a name that is none of these, or a GPU that this machine does not have.
+    """
+    problem = device_problem(name)
+    if problem:
+        raise ValueError(f"device: {problem}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device: got 'cuda' but no CUDA device is available")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
     if name == "cpu":
         return torch.device("cpu")
-    return torch.device(name)
+    if not torch.cuda.is_available():
+        raise ValueError(f"device: got {name!r} but no CUDA device is available "
+                         f"(torch {torch.__version__}); use cpu or auto")
+    count = torch.cuda.device_count()
+    index = local_rank % count if name == "cuda" else int(name[5:])
+    if index >= count:
+        raise ValueError(f"device: got {name!r} but this machine has {count} CUDA device(s), "
+                         f"cuda:0 to cuda:{count - 1}")
+    return torch.device("cuda", index)
 
 
 def setup(device: str = "auto") -> DistEnv:
@@ -45,7 +73,7 @@ def setup(device: str = "auto") -> DistEnv:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _pick_device(device, local_rank)
+    dev = resolve_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import time
 from pathlib import Path
@@ -28,8 +29,15 @@ from winattn.train.distributed import DistEnv, all_reduce_sum, barrier, setup, t
 from winattn.train.evaluate import evaluate
 from winattn.train.optim import ModelEma, build_optimizer, build_scheduler
 from winattn.train.report import plot_curves, read_metrics, write_metrics
-from winattn.train.state import (CHECKPOINT_FORMAT, atomic_save, load_train_checkpoint,
-                                 rng_state, set_rng_state)
+from winattn.train.state import (
+    CHECKPOINT_FORMAT,
+    RESUME_KEYS,
+    atomic_save,
+    load_train_checkpoint,
+    resume_mismatches,
+    rng_state,
+    set_rng_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +53,21 @@ class Interrupted(Exception):
     def __init__(self, checkpoint: Path):
         super().__init__(f"interrupted; checkpoint saved to {checkpoint}")
         self.checkpoint = checkpoint
+
+
+class RunComplete(Exception):
+    """``--resume`` of a checkpoint that already holds every epoch: nothing to train."""
+
+    def __init__(self, checkpoint: Path, epochs: int, out: Path):
+        written = "" if checkpoint.parent.resolve() == out.resolve() else \
+            f"; nothing was written to {out}"
+        super().__init__(f"the run is already complete: {checkpoint} holds all {epochs} epochs "
+                         f"(its weights are final){written}")
+        self.checkpoint = checkpoint
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or the validation loss) became inf or nan; nothing was saved after it."""
 
 
 def step_seed(seed: int, global_step: int, rank: int) -> int:
@@ -89,6 +112,12 @@ class Trainer:
                                 seed=cfg.seed)
         self.class_names = splits.class_names
         self.num_classes = len(self.class_names)
+        if self.num_classes < 2:
+            raise DataError(f"data: {cfg.data!r} has {self.num_classes} class "
+                            f"({', '.join(self.class_names)}); a classifier needs at least 2 "
+                            f"classes (class folders or CSV labels)")
+        self.dataset_sizes = {"train_samples": len(splits.train), "val_samples": len(splits.val)}
+        self.resume_path: Path | None = None
         resume_ckpt = self._find_resume()
 
         torch.manual_seed(cfg.seed)
@@ -98,6 +127,7 @@ class Trainer:
         if cfg.drop_path is not None:
             self.model_kwargs["drop_path_rate"] = cfg.drop_path
         model = build.create_model(cfg.model, **self.model_kwargs)
+        build.check_img_size(model, cfg.model, cfg.img_size)
         if cfg.finetune and resume_ckpt is None:
             build.load_weights(model, cfg.finetune, drop_head=True)
         if resume_ckpt is not None:
@@ -140,6 +170,8 @@ class Trainer:
         self.best_top1 = -1.0
         if resume_ckpt is not None:
             self._restore(resume_ckpt)
+            if self.epoch >= cfg.epochs:
+                raise RunComplete(self.resume_path, cfg.epochs, self.out)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _find_resume(self) -> dict[str, Any] | None:
@@ -156,18 +188,32 @@ class Trainer:
         if "optimizer" not in ckpt:
             raise ValueError(f"resume: {str(path)!r} holds weights only (like best.pt); resume "
                              f"from a full checkpoint such as {str(self.out / LAST)!r}")
+        missing = [k for k in RESUME_KEYS if k not in ckpt]
+        if missing:
+            raise ValueError(f"resume: {str(path)!r} lacks {', '.join(missing)}; it cannot be "
+                             f"resumed")
+        self.resume_path = path
         if self.env.is_main:
             print(f"resuming from {path} (epoch {ckpt['epoch']}, step {ckpt['step_in_epoch']})")
         return ckpt
 
     def _check_compatible(self, ckpt: dict[str, Any]) -> None:
-        saved = ckpt["config"]
-        for key in ("model", "batch_size", "epochs", "seed"):
-            if saved.get(key) != getattr(self.cfg, key):
-                raise ValueError(f"resume: {key} is {getattr(self.cfg, key)!r} but the checkpoint "
-                                 f"was trained with {saved.get(key)!r}; resume with the same value")
+        """Refuse to continue a run under settings that change what it computes: the restored
+        optimizer and schedule would carry on with the old ones, or mix the two."""
+        defaults = TrainConfig(model=self.cfg.model).to_dict()
+        problems = resume_mismatches(ckpt["config"], self.cfg.to_dict(), defaults)
         if ckpt["class_names"] != self.class_names:
-            raise ValueError("resume: the dataset's classes differ from the checkpoint's")
+            problems.append(f"--data classes: checkpoint {ckpt['class_names'][:10]}, given "
+                            f"{self.class_names[:10]}")
+        for key, size in self.dataset_sizes.items():
+            if key in ckpt and ckpt[key] != size:
+                problems.append(f"--data {key.replace('_', ' ')}: checkpoint {ckpt[key]}, "
+                                f"given {size}")
+        if problems:
+            raise ValueError(f"resume: {self.resume_path} was trained with other settings: "
+                             + "; ".join(problems) + ". Resume with the checkpoint's values "
+                             "(--workers, --device, --progress, --grad-checkpointing and the "
+                             "data's location may differ)")
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -192,7 +238,7 @@ class Trainer:
             "best_top1": self.best_top1,
             "config": self.cfg.to_dict(), "model_name": self.cfg.model,
             "model_kwargs": self.model_kwargs, "class_names": self.class_names,
-            "data_config": self.data_config, "metrics": metrics or {},
+            "data_config": self.data_config, "metrics": metrics or {}, **self.dataset_sizes,
         }
         if full:
             ckpt.update(optimizer=self.optimizer.state_dict(),
@@ -242,13 +288,29 @@ class Trainer:
             progress.update(1)
             progress.set_postfix(loss=f"{float(loss):.3f}",
                                  lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-            if self._should_stop(stop):
+            if self._should_stop(stop, loss):
                 return False
         return True
 
-    def _should_stop(self, stop: _StopFlag) -> bool:
-        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.env.device)
-        return bool(all_reduce_sum(flag, self.env).item() > 0)
+    def _should_stop(self, stop: _StopFlag, loss: torch.Tensor) -> bool:
+        """Whether a stop was requested on any rank; raises TrainingDiverged when the step's
+        loss is not finite on any rank. One all-reduce decides both, so every rank stops at
+        the same step."""
+        finite = bool(torch.isfinite(loss))
+        flags = torch.tensor([float(stop.requested), float(not finite)], device=self.env.device)
+        stop_requested, diverged = (all_reduce_sum(flags, self.env) > 0).tolist()
+        if diverged:
+            value = f"is {float(loss)}" if not finite else "of another process is not finite"
+            self._diverged(f"the training loss {value} at step {self.step_in_epoch} of epoch "
+                           f"{self.epoch + 1} (step {self.global_step} overall)")
+        return stop_requested
+
+    def _diverged(self, what: str) -> None:
+        last = self.out / LAST
+        kept = f"{last} is left as it was" if last.is_file() else "no checkpoint was written"
+        raise TrainingDiverged(f"training diverged: {what}; stopped without saving anything "
+                               f"after the last good checkpoint ({kept}). Try a lower --lr (now "
+                               f"{self.cfg.lr}) or gradient clipping (--clip-grad)")
 
     def _validate(self) -> dict[str, float]:
         cfg, env = self.cfg, self.env
@@ -297,6 +359,10 @@ class Trainer:
                                "train_top1": float(sums[1]) / count if self.mixer is None
                                else None}
                 val = self._validate()
+                bad = {k: v for k, v in {**train_stats, **val}.items()
+                       if v is not None and not math.isfinite(v)}
+                if bad:
+                    self._diverged(f"after epoch {self.epoch + 1}, {bad}")
                 self.epoch += 1
                 self.step_in_epoch = 0
                 self.partial.zero_()
@@ -326,12 +392,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     Raises:
         Interrupted: a SIGINT/SIGTERM arrived; the checkpoint was saved first.
+        RunComplete: ``cfg.resume`` names a checkpoint that holds all ``cfg.epochs`` epochs.
+        TrainingDiverged: the loss became inf or nan; the last checkpoint was left as it was.
     """
     cfg.validate()
     env = setup(cfg.device)
     try:
         metrics = Trainer(cfg, env).fit()
-    except Interrupted:
+    except (Interrupted, RunComplete):
         teardown(env)  # every rank stops here together, after the checkpoint's barrier
         raise
     except BaseException:
