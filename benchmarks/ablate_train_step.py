@@ -1,7 +1,9 @@
 """Swin-T training steps on the CPU, split into forward, backward and optimizer, with the MLP
 hidden-layer recomputation in no stage, the first (the default) or the first two, the default
 with PyTorch's fused AdamW (what ``winattn train`` builds), and timm for scale; one process,
-the variants taking turns step by step.
+the variants taking turns step by step, each round's order from the balanced design of
+``winattn bench`` (each variant follows each other one equally often; ``--repeats`` is rounded
+up to whole cycles of it: 10 rounds for the five variants).
 
 winattn's variants share one model and one AdamW, timm has its own (lr 1e-5, so the weights
 barely move; both the AdamW that ``torch.optim.AdamW`` picks by default, on the CPU a loop over
@@ -12,7 +14,7 @@ default (above 1: the default is faster), and the activation memory (bytes autog
 one forward). These are the A/B figures docs/fast-path.md (item 5) quotes for the first stage's
 recomputation and the bf16 step split.
 
-    PYTHONPATH=src python benchmarks/ablate_train_step.py --dtype fp32 bf16 --repeats 11
+    PYTHONPATH=src python benchmarks/ablate_train_step.py --dtype fp32 bf16 --repeats 10
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from winattn.cli.argtypes import non_negative_int, positive_int
-from winattn.cli.bench_cases import autocast_context, build_peers, saved_activation_bytes
+from winattn.cli.bench_cases import (
+    autocast_context,
+    balanced_order,
+    balanced_rounds,
+    build_peers,
+    saved_activation_bytes,
+)
 
 VARIANTS = {"none": (), "stage 1 (default)": (0,), "stages 1-2": (0, 1)}
 FUSED = "stage 1, fused AdamW"
@@ -35,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     parser.add_argument("--batch", type=positive_int, default=8)
-    parser.add_argument("--repeats", type=positive_int, default=11)
+    parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--warmup", type=non_negative_int, default=2)
     args = parser.parse_args()
 
@@ -79,16 +87,22 @@ def main() -> None:
             peer = ours if name == "winattn" else timm
             activations[label] = saved_activation_bytes(peer, x, dtype) / 2**20
         times: dict[str, list[tuple[float, float, float]]] = {label: [] for label in runs}
-        for i in range(args.warmup + args.repeats):
-            for label, (name, stages) in runs.items():
+        labels = list(runs)
+        # The order of each round from the balanced design `winattn bench` uses: each variant
+        # follows each other one equally often (repeats rounded up to whole cycles of it).
+        rounds = [(False, balanced_order(len(labels))[0])] * args.warmup
+        rounds += [(True, row) for row in balanced_rounds(len(labels), args.repeats)]
+        for timed, row in rounds:
+            for label in (labels[i] for i in row):
+                name, stages = runs[label]
                 recompute_in(stages)
                 split = step(name, dtype, optimizers[label if label == FUSED else name])
-                if i >= args.warmup:
+                if timed:
                     times[label].append(split)
         recompute_in(VARIANTS["stage 1 (default)"])
         base = statistics.median(sum(t) for t in times["stage 1 (default)"])
         print(f"\n{dtype}, batch {args.batch}, {torch.get_num_threads()} threads, "
-              f"{args.repeats} repeats")
+              f"{len(times['timm'])} repeats")
         print("| variant | forward ms | backward ms | optimizer ms | step ms | step / default's "
               "| activations MiB |")
         print("|---|---|---|---|---|---|---|")

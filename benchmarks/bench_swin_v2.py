@@ -8,14 +8,17 @@ state dict; torchvision's ``swin_v2_t`` (window 8, 256x256: only for
 them with ``winattn.load_checkpoint`` must reproduce it. Before anything is timed the outputs
 must agree: float32 within 1e-4, bf16 autocast by STYLE's rule (winattn's error against its
 float32 output at most 2x the peer's own plus 1e-3). Then the libraries take turns call by
-call (the order rotating each round, as ``winattn bench`` does); medians and ratio = peer
+call (each round's order from ``winattn bench``'s balanced design); medians and ratio = peer
 median / winattn median (above 1: winattn is faster). Hugging Face's Swinv2 adds the shift
 mask twice (docs/swin_v2.md), so it computes another function and is not timed here.
 
 The training step (``--train``; batch 8, forward, cross-entropy, backward, AdamW as
-``winattn bench`` times it, drop path off in both so that they compute the same function,
-checked in train mode first) is timed against timm only, with the activation memory (bytes
-autograd saves in one forward).
+``winattn bench`` times it, drop path off in both so that they compute the same function)
+is timed against timm only, with the activation memory (bytes autograd saves in one forward).
+Before it, the step is checked with gradients on, through the same code the step runs
+(``bench_cases.check_training_parity``): the loss and the gradients of the patch embedding,
+two qkv weights, the continuous-bias MLP, the logit scale and the head, float32 within 1e-4,
+bf16 by STYLE's rule (2x the peer's error for the loss, 3x for gradients, plus 1e-3).
 
     PYTHONPATH=src python benchmarks/bench_swin_v2.py --train --out docs/perf-v2
 """
@@ -54,12 +57,12 @@ def training_rows(name: str, built: dict[str, cases.Peer], resolution: int, dtyp
     rows = []
     for dtype in dtypes:
         print(f"[{time.strftime('%H:%M:%S')}] {name} training step {dtype}", flush=True)
-        summary, err = cases.time_training_steps(peers, x, target, dtype, 1, repeats)
+        summary, parity = cases.time_training_steps(peers, x, target, dtype, 1, repeats)
         for lib, stats in summary.items():
             lines.append(f"| {name} train | {batch} | {dtype} | {lib} | "
                          f"{stats['median_ms']:.0f} | {stats['speedup_of_winattn']:.2f}x | "
                          f"activations {stats['activation_mib']:.0f} MiB |")
-        rows.append(dict(model=name, batch=batch, dtype=dtype, mode="train", max_abs_diff=err,
+        rows.append(dict(model=name, batch=batch, dtype=dtype, mode="train", parity=parity,
                          peers=summary))
     for peer in peers.values():
         peer.model.eval()

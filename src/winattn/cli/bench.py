@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", nargs="+", default=["timm", "torchvision", "transformers"],
                         choices=["timm", "torchvision", "transformers"])
     parser.add_argument("--repeats", type=positive_int,
-                        help="timed calls per case (preset's otherwise)")
+                        help="timed calls per case (preset's otherwise), rounded up to whole "
+                        "cycles of the balanced order (4 rounds for 4 libraries, 10 for 5)")
     parser.add_argument("--threads", type=positive_int,
                         help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no-memory", action="store_true", help="skip the RSS subprocesses")
@@ -165,7 +167,8 @@ def inference_section(settings: dict, peer_names: list[str], results: dict) -> l
 
 def training_section(settings: dict, peer_names: list[str], memory: bool, results: dict) -> list[dict]:
     """One step (forward, backward, AdamW) at batch 8, drop path off so that the peers run the
-    same function; activation memory from autograd's saved tensors, peak RSS per fresh process."""
+    same function (loss and gradients checked first); activation memory from autograd's saved
+    tensors, peak RSS per fresh process (on this process's thread count)."""
     rows = []
     variant = settings["models"][0]
     batch = 8
@@ -175,14 +178,14 @@ def training_section(settings: dict, peer_names: list[str], memory: bool, result
     for dtype in settings["train_dtypes"]:
         peers, _ = cases.build_peers(variant, [p for p in peer_names if p == "timm"])
         _log(f"training {variant} batch {batch} {dtype}")
-        summary, err = cases.time_training_steps(
+        summary, parity = cases.time_training_steps(
             peers, x, target, dtype, settings["warmup"], settings["train_repeats"])
         for name, stats in summary.items():
             if memory:
                 _log(f"  peak RSS of a training process: {name}")
                 stats["memory"] = cases.measure_memory(dict(
                     variant=variant, peer=name, mode="train", batch=batch, dtype=dtype, steps=2))
-        rows.append(dict(model=variant, batch=batch, dtype=dtype, size=size, max_abs_diff=err,
+        rows.append(dict(model=variant, batch=batch, dtype=dtype, size=size, parity=parity,
                          peers=summary))
         del peers
     return rows
@@ -279,54 +282,110 @@ def _dense_mask(height: int, width: int, window: int, shift: int, bias: torch.Te
     return mask.masked_fill(window_id[:, None] != window_id[None, :], float("-inf"))
 
 
-def operator_section(settings: dict, results: dict) -> list[dict]:
-    """The attention alone at Swin-T's stage-1 and stage-3 shapes (shifted windows, bias)."""
+#: The window-order rows: the stage-internal attention call plus the one row gather that each
+#: block pays to move its tokens from the previous block's window order (plain <-> shifted).
+WINDOW_ORDER = "winattn window-order + block gather"
+WINDOW_ORDER_MATMULS = "winattn window-order + block gather, matmuls"
+
+
+def operator_calls(batch: int, side: int, heads: int, head_dim: int, window: int, shift: int,
+                   dtype: torch.dtype, seed: int = 0) -> dict[str, tuple[Callable, Callable]]:
+    """The operator section's calls on one random input: name -> (call, to_grid), where
+    ``to_grid`` turns the call's output into the grid layout ``(B, H, W, heads, d)`` of the
+    peers' path, for the check before timing.
+
+    The window-order rows charge what a Swin block runs: one gather of the block's tokens
+    ``(B, L, heads * d)`` from the plain windows' order to the shifted ones'
+    (:func:`~winattn.ops.geometry.move_tokens`), then attention on q, k, v already in window
+    order (the qkv projection, not timed here, sits between the two).
+    """
     from ..ops import plan_windows, window_attention
     from ..ops.backends.sdpa import attend_qkv, combine_mask, explicit_attention
+    from ..ops.geometry import move_tokens
 
+    gen = torch.Generator().manual_seed(seed)
+    channels = heads * head_dim
+    qkv = torch.randn(batch, side, side, 3, heads, head_dim, generator=gen).to(dtype)
+    q, k, v = qkv.unbind(3)
+    bias = (torch.randn(heads, window**2, window**2, generator=gen) * 0.5).to(dtype)
+    plain = plan_windows((side, side), (window, window), (0, 0))
+    plan = plan_windows((side, side), (window, window), (shift, shift))
+    # The block's input, left in the previous (plain) block's window order.
+    tokens = torch.randn(batch, side * side, channels, generator=gen).to(dtype)  # (B, L, C)
+    in_windows = plan.partition(qkv.view(batch, side, side, -1))  # (B, nW, N, 3*C)
+    per_window = in_windows.view(-1, window**2, 3, heads, head_dim)  # (B*nW, N, 3, heads, d)
+    q_w, k_w, v_w = per_window.permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, heads, N, d)
+    folded = combine_mask(plan.mask_as(dtype), bias, dtype)
+    dense = _dense_mask(side, side, window, shift, bias.float()).to(dtype).unsqueeze(0)
+    qd, kd, vd = (t.reshape(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+    grid_shape = (batch, side, side, heads, head_dim)
+
+    def from_windows(out: torch.Tensor) -> torch.Tensor:  # (B*nW, N, heads, d) -> grid
+        return plan.reverse(out.reshape(batch, plan.num_windows, -1, channels)).view(grid_shape)
+
+    def window_order() -> torch.Tensor:
+        move_tokens(tokens, plain, plan)  # (B, L, C) plain -> shifted order
+        return attend_qkv(q_w, k_w, v_w, folded, head_dim**-0.5)
+
+    calls = {
+        "winattn": (lambda: window_attention(q, k, v, window, shift_size=shift, bias=bias),
+                    lambda out: out),
+        WINDOW_ORDER: (window_order, from_windows),
+        "roll/partition/matmul": (lambda: _peer_window_path(qkv, bias, window, shift),
+                                  lambda out: out),
+        "SDPA dense mask": (
+            lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dense),
+            lambda out: out.transpose(1, 2).reshape(grid_shape),
+        ),
+    }
+    if dtype == torch.bfloat16:
+        # What the bf16 stages call instead of SDPA (float32 mask, softmax in float32).
+        folded32 = combine_mask(plan.mask_as(torch.float32), bias, torch.float32)
+
+        def window_order_matmuls() -> torch.Tensor:
+            move_tokens(tokens, plain, plan)
+            return explicit_attention(q_w, k_w, v_w, folded32, head_dim**-0.5)
+
+        calls[WINDOW_ORDER_MATMULS] = (window_order_matmuls, from_windows)
+    return calls
+
+
+def check_operator(calls: dict[str, tuple[Callable, Callable]], dtype: torch.dtype,
+                   label: str) -> dict[str, float]:
+    """Every call's output, in grid order, against the peers' path before anything is timed:
+    max |difference| within 1e-4 (float32) or 5e-2 (bf16). Returns the differences; raises
+    AssertionError naming the call that is off."""
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    with torch.no_grad():
+        fn, to_grid = calls["roll/partition/matmul"]
+        ref = to_grid(fn()).float()
+        errors = {}
+        for name, (fn, to_grid) in calls.items():
+            if name == "roll/partition/matmul":
+                continue
+            out = to_grid(fn()).float()
+            if out.shape != ref.shape:
+                raise AssertionError(f"operator {label}: {name} gives {tuple(out.shape)}, "
+                                     f"the peers' path {tuple(ref.shape)}")
+            errors[name] = (out - ref).abs().max().item()
+            if errors[name] > tol:
+                raise AssertionError(f"operator {label}: {name} off by {errors[name]} (> {tol})")
+    return errors
+
+
+def operator_section(settings: dict, results: dict) -> list[dict]:
+    """The attention alone at Swin-T's stage-1 and stage-3 shapes (shifted windows, bias),
+    every path checked against the peers' before timing (:func:`check_operator`)."""
     rows = []
     batch, window, shift, head_dim = 8, 7, 3, 32
     for stage, side, heads in (("stage 1", 56, 3), ("stage 3", 14, 12)):
         for dtype_name in settings["dtypes"]:
             dtype = torch.float32 if dtype_name == "fp32" else torch.bfloat16
             _log(f"operator {stage} {dtype_name}")
-            qkv = torch.randn(batch, side, side, 3, heads, head_dim).to(dtype)
-            q, k, v = qkv.unbind(3)
-            bias = (torch.randn(heads, window**2, window**2) * 0.5).to(dtype)
-            plan = plan_windows((side, side), (window, window), (shift, shift))
-            in_windows = plan.partition(qkv.view(batch, side, side, -1))  # stage-internal layout
-            q_w, k_w, v_w = in_windows.view(-1, window**2, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            folded = combine_mask(plan.mask_as(dtype), bias, dtype)
-            dense = _dense_mask(side, side, window, shift, bias.float()).to(dtype).unsqueeze(0)
-            qd, kd, vd = (t.reshape(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))
-            fns = {
-                "winattn": lambda: window_attention(q, k, v, window, shift_size=shift, bias=bias),
-                "winattn window-order": lambda: attend_qkv(q_w, k_w, v_w, folded, head_dim**-0.5),
-                "roll/partition/matmul": lambda: _peer_window_path(qkv, bias, window, shift),
-                "SDPA dense mask": lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dense),
-            }
-            if dtype == torch.bfloat16:
-                # What the bf16 stages call instead of SDPA (float32 mask, softmax in float32).
-                folded32 = combine_mask(plan.mask_as(torch.float32), bias, torch.float32)
-                fns["winattn window-order, matmuls"] = lambda: explicit_attention(
-                    q_w, k_w, v_w, folded32, head_dim**-0.5
-                )
+            calls = operator_calls(batch, side, heads, head_dim, window, shift, dtype)
+            errors = check_operator(calls, dtype, f"{stage} {dtype_name}")
+            fns = {name: fn for name, (fn, _) in calls.items()}
             with torch.no_grad():
-                ref = fns["roll/partition/matmul"]().float()
-                got = fns["winattn"]().float()
-                dense_out = fns["SDPA dense mask"]().transpose(1, 2).reshape(ref.shape).float()
-                tol = 1e-4 if dtype == torch.float32 else 5e-2
-                if "winattn window-order, matmuls" in fns:  # against the SDPA call, same layout
-                    err = (fns["winattn window-order, matmuls"]().float()
-                           - fns["winattn window-order"]().float()).abs().max().item()
-                    if err > tol:
-                        raise AssertionError(
-                            f"operator {stage} {dtype_name}: matmul attention off by {err}"
-                        )
-                for name, out in (("winattn", got), ("SDPA dense mask", dense_out)):
-                    err = (out - ref).abs().max().item()
-                    if err > tol:
-                        raise AssertionError(f"operator {stage} {dtype_name}: {name} off by {err}")
                 times = cases.time_interleaved(fns, settings["warmup"], settings["repeats"])
             summary = cases.summarise(times)
             flops = 4 * batch * side * side * window**2 * heads * head_dim
@@ -334,6 +393,7 @@ def operator_section(settings: dict, results: dict) -> list[dict]:
             for name, stats in summary.items():
                 work = dense_flops if name == "SDPA dense mask" else flops
                 stats["gflops"] = work / (stats["median_ms"] / 1e3) / 1e9
+                stats["max_abs_diff"] = errors.get(name, 0.0)
             rows.append(dict(stage=stage, dtype=dtype_name, shape=[batch, side, side, heads, head_dim],
                              window=window, shift=shift, flops=flops, peers=summary))
     return rows

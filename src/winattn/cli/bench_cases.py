@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import resource
@@ -62,6 +63,40 @@ def autocast_context(dtype: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def balanced_order(count: int) -> list[list[int]]:
+    """The rows of a Williams design for ``count`` items: orders in which every item follows
+    every other one equally often (and stands first equally often) over the whole design.
+
+    The first row is 0, 1, n-1, 2, n-2, ...; row r adds r mod n to it. For odd n the n rows
+    alone cannot balance the neighbours, so their mirror images follow: 2n rows.
+
+    >>> balanced_order(4)
+    [[0, 1, 3, 2], [1, 2, 0, 3], [2, 3, 1, 0], [3, 0, 2, 1]]
+    """
+    if count < 1:
+        raise ValueError(f"balanced_order needs count >= 1 items, got {count}")
+    first, low, high = [0], 1, count - 1
+    while low <= high:
+        first.append(low)
+        low += 1
+        if low <= high:
+            first.append(high)
+            high -= 1
+    rows = [[(item + shift) % count for item in first] for shift in range(count)]
+    if count % 2 == 1 and count > 1:
+        rows += [row[::-1] for row in rows]
+    return rows
+
+
+def balanced_rounds(count: int, repeats: int) -> list[list[int]]:
+    """The orders of ``repeats`` timed rounds of ``count`` items: :func:`balanced_order`'s
+    rows in turn, ``repeats`` rounded up to whole cycles of the design (else the rows of the
+    last, partial cycle would hand some neighbours one more turn than others)."""
+    rows = balanced_order(count)
+    cycles = -(-repeats // len(rows))
+    return rows * cycles
+
+
 def time_interleaved(
     fns: dict[str, Callable[[], object]],
     warmup: int,
@@ -69,21 +104,24 @@ def time_interleaved(
     setup: dict[str, Callable[[], object]] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each function, the functions taking turns so that a change in the
-    machine's load hits them all alike. The order rotates by one each round, so that each
-    function follows each other one equally often: what ran just before a call (its cache
-    and heap state) changes its time by a few percent on the CPUs measured, and a fixed order
-    would hand that to the same function every time. ``setup[name]``, where given, runs
-    untimed right before each call of ``fns[name]`` (a forward before a timed backward)."""
+    machine's load hits them all alike. What ran just before a call (its cache and heap state)
+    moves its time by up to ~15% on the CPUs measured, so the order of each round comes from a
+    balanced design (:func:`balanced_rounds`): within the rounds, each function follows each
+    other one equally often and each stands first equally often. ``repeats`` is rounded up to
+    whole cycles of the design (n rounds for n functions, 2n for odd n); the warm-up rounds use
+    its first row. ``setup[name]``, where given, runs untimed right before each call of
+    ``fns[name]`` (a forward before a timed backward)."""
     names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(warmup + repeats):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
+    rounds = [(False, balanced_order(len(names))[0])] * warmup
+    rounds += [(True, row) for row in balanced_rounds(len(names), repeats)]
+    for timed, row in rounds:
+        for name in (names[i] for i in row):
             if setup and name in setup:
                 setup[name]()
             start = time.perf_counter()
             fns[name]()
-            if round_ >= warmup:
+            if timed:
                 times[name].append(time.perf_counter() - start)
     return times
 
@@ -361,26 +399,92 @@ def train_step_fn(peer: Peer, x: torch.Tensor, target: torch.Tensor, dtype: str)
     return step
 
 
+#: Parameters whose gradients the training check compares (the first name holding each part
+#: that the model has): the patch embedding, a shifted block's qkv, its bias table (V1) or
+#: continuous-bias MLP and logit scale (V2), a stage-3 qkv, the head.
+GRADIENT_PROBES = (
+    "patch_embed.proj.weight",
+    "layers.0.blocks.1.attn.qkv.weight",
+    "layers.0.blocks.1.attn.relative_position_bias_table",
+    "layers.0.blocks.1.attn.cpb_mlp.0.weight",
+    "layers.0.blocks.1.attn.logit_scale",
+    "layers.2.blocks.1.attn.qkv.weight",
+    "head.fc.weight",
+)
+
+
+def _loss_and_gradients(peer: Peer, x: torch.Tensor, target: torch.Tensor, dtype: str,
+                        names: list[str]) -> tuple[float, dict[str, torch.Tensor]]:
+    """One training forward and backward with gradients on (the path a training step takes):
+    the loss and the float32 gradients of ``names``; the model's gradients are cleared after."""
+    model = peer.model.train()
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        with autocast_context(dtype):
+            loss = F.cross_entropy(peer.logits(x).float(), target)
+        loss.backward()
+    params = dict(model.named_parameters())
+    grads = {name: params[name].grad.detach().float().clone() for name in names}
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
+
+
+def check_training_parity(peers: dict[str, Peer], x: torch.Tensor, target: torch.Tensor,
+                          dtype: str) -> dict:
+    """winattn and timm compute the same training step: the same loss and gradients, checked
+    with gradients on (winattn trains through autograd Functions of its own, which a
+    ``no_grad`` comparison never runs) on the same inputs and targets, drop path off.
+
+    Compared: the loss, and the gradients of :data:`GRADIENT_PROBES`, each gradient's error
+    as max |difference| over the reference's max |gradient|. float32: within 1e-4 of timm's.
+    bf16 autocast (STYLE.md's rule, timm's float32 step as the reference): winattn's error at
+    most 2x (loss) or 3x (gradients) timm's own bf16 error, plus 1e-3. Raises AssertionError
+    otherwise; returns the errors and bounds.
+    """
+    ours, theirs = peers["winattn"], peers["timm"]
+    own = {name for name, _ in ours.model.named_parameters()}
+    names = [n for n, _ in theirs.model.named_parameters() if n in GRADIENT_PROBES and n in own]
+    ref_loss, ref_grads = _loss_and_gradients(theirs, x, target, "fp32", names)
+
+    def errors(loss: float, grads: dict[str, torch.Tensor]) -> dict[str, float]:
+        found = {"loss": abs(loss - ref_loss)}
+        for name in names:
+            scale = ref_grads[name].abs().max().clamp_min(1e-12)
+            found[name] = ((grads[name] - ref_grads[name]).abs().max() / scale).item()
+        return found
+
+    ours_err = errors(*_loss_and_gradients(ours, x, target, dtype, names))
+    if dtype == "fp32":
+        bounds = {key: 1e-4 for key in ours_err}
+        peer_err = None
+    else:
+        peer_err = errors(*_loss_and_gradients(theirs, x, target, dtype, names))
+        bounds = {key: (2 if key == "loss" else 3) * peer_err[key] + 1e-3 for key in ours_err}
+    bad = {key: (ours_err[key], bounds[key]) for key in ours_err if ours_err[key] > bounds[key]}
+    report = {"checked": names, "winattn_error": ours_err, "peer_error": peer_err,
+              "bound": bounds, "ok": not bad}
+    if bad:
+        raise AssertionError(
+            f"winattn's and timm's training steps disagree ({dtype}; error, bound): {bad}"
+        )
+    return report
+
+
 def time_training_steps(
     peers: dict[str, Peer], x: torch.Tensor, target: torch.Tensor, dtype: str, warmup: int,
     repeats: int,
-) -> tuple[dict[str, dict], float]:
+) -> tuple[dict[str, dict], dict]:
     """Training steps of ``peers`` taking turns (:func:`train_step_fn`), after checking that
-    winattn and timm compute the same function in train mode (drop path off: within 1e-4).
+    winattn and timm compute the same loss and gradients (:func:`check_training_parity`).
     Returns :func:`summarise`'s medians with each library's ``activation_mib`` (bytes autograd
-    saves in one forward), and the train-mode difference."""
-    for peer in peers.values():
-        peer.model.train()
-    with torch.no_grad():  # drop path is off: train mode computes the eval function
-        err = (peers["winattn"].logits(x) - peers["timm"].logits(x)).abs().max().item()
-    if err > 1e-4:
-        raise AssertionError(f"winattn and timm disagree in train mode: {err}")
+    saves in one forward), and the check's report."""
+    parity = check_training_parity(peers, x, target, dtype)
     activations = {n: saved_activation_bytes(p, x, dtype) / 2**20 for n, p in peers.items()}
     fns = {n: train_step_fn(p, x, target, dtype) for n, p in peers.items()}
     summary = summarise(time_interleaved(fns, warmup, repeats))
     for name, stats in summary.items():
         stats["activation_mib"] = activations[name]
-    return summary, err
+    return summary, parity
 
 
 def saved_tensor_bytes(fn: Callable[[], object], params) -> tuple[object, int]:
@@ -414,33 +518,75 @@ def saved_activation_bytes(peer: Peer, x: torch.Tensor, dtype: str) -> int:
 
 # --------------------------------------------------------------------------- memory worker
 def run_worker(spec: dict) -> dict:
-    """In a fresh process: build one peer, run the configuration, report RSS (MiB)."""
+    """In a fresh process: build one peer, run the configuration, report RSS (MiB).
+
+    ``build_peers`` builds winattn and timm both (winattn takes timm's weights); the one not
+    measured is dropped and the peak RSS reset (:func:`reset_peak_rss`) before the baseline,
+    so that the peak is the run's and not the building's. Where the reset is unavailable, the
+    peak counts only if the run raised it above everything before; otherwise the figures are
+    None with ``not_measured`` saying why."""
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     peers, _ = build_peers(spec["variant"], [spec["peer"]], img_size=spec.get("img_size"))
-    peer = peers[spec["peer"]]
-    for name in list(peers):
-        if name != spec["peer"]:
-            del peers[name]
+    peer = peers.pop(spec["peer"])
+    del peers
     res = spec.get("resolution", image_size(spec["variant"]))
     x = torch.randn(spec["batch"], 3, res, res)
     if spec["mode"] == "train":
         step = train_step_fn(peer, x, torch.randint(0, 1000, (spec["batch"],)), spec["dtype"])
-        base = _rss_mib()
-        for _ in range(spec.get("steps", 2)):
-            step()
+
+        def run() -> None:
+            for _ in range(spec.get("steps", 2)):
+                step()
     else:
-        base = _rss_mib()
-        with torch.no_grad(), autocast_context(spec["dtype"]):
-            for _ in range(spec.get("steps", 1)):
-                peer.features(x)
+        def run() -> None:
+            with torch.no_grad(), autocast_context(spec["dtype"]):
+                for _ in range(spec.get("steps", 1)):
+                    peer.features(x)
+
+    return measure_peak(run)
+
+
+def measure_peak(run: Callable[[], object]) -> dict:
+    """Peak RSS of ``run()`` in this process, in MiB: the baseline RSS before it, the peak
+    (VmHWM) and their difference. Drops what the garbage collector can and resets the
+    high-water mark first (:func:`reset_peak_rss`), so that what was built and freed before
+    (a second model) does not stand in for the run's peak. Where the reset is unavailable the
+    peak counts only if ``run()`` raised it; else the figures are None, ``not_measured`` says
+    why."""
+    gc.collect()
+    reset = reset_peak_rss()
+    base = _rss_mib()
+    before = _peak_rss_mib()
+    run()
     peak = _peak_rss_mib()
-    return {"baseline_rss_mib": base, "peak_rss_mib": peak, "peak_over_baseline_mib": peak - base}
+    result = {"baseline_rss_mib": base, "peak_rss_mib": peak,
+              "peak_over_baseline_mib": peak - base, "peak_reset": reset}
+    if not reset and peak <= before:
+        result.update(peak_rss_mib=None, peak_over_baseline_mib=None, not_measured=(
+            "the peak RSS could not be reset and the run did not exceed the peak reached "
+            "while building the models"))
+    return result
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (``echo 5 > /proc/self/clear_refs``,
+    Linux) and check that it took: False where the file is missing or the peak stayed up."""
+    rss = _rss_mib()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    # VmHWM is now the RSS at the reset; allow for what the interpreter touched since.
+    return _peak_rss_mib() <= max(rss, _rss_mib()) + 4.0
 
 
 def _peak_rss_mib() -> float:
-    """VmHWM: the peak RSS of this process image. (``ru_maxrss`` would not do: Linux carries
-    it across ``execve`` from the forking parent, so a child of a large parent inherits its
-    peak.)"""
+    """VmHWM: the peak RSS of this process image (since the last :func:`reset_peak_rss`).
+    (``ru_maxrss`` would not do: Linux carries it across ``execve`` from the forking parent,
+    so a child of a large parent inherits its peak, and nothing resets it.)"""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -456,7 +602,9 @@ def _rss_mib() -> float:
 def measure_memory(spec: dict) -> dict:
     """Run :func:`run_worker` in a fresh interpreter. Large blocks go through mmap
     (``MALLOC_MMAP_THRESHOLD_=65536``) so that freed memory leaves the RSS at once and the
-    peak is the peak of live memory."""
+    peak is the peak of live memory. The worker runs on this process's torch thread count
+    unless ``spec["threads"]`` says otherwise."""
+    spec = {"threads": torch.get_num_threads(), **spec}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     src = str(Path(winattn.__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")

@@ -47,7 +47,7 @@ def write_markdown(results: dict, path: Path) -> str:
         "- GFLOP/s: the model's nominal FLOPs (PyTorch's FLOP counter on timm's model) over the "
         "median time; 'of peak' divides by the measured matmul peak of that dtype",
         "- ratios: a peer's median time over winattn's, in the same process, the libraries "
-        "taking turns call by call (above 1: winattn is faster)",
+        "taking turns call by call in a balanced order (above 1: winattn is faster)",
         "",
     ]
     for note in results.get("notes", []):
@@ -70,9 +70,9 @@ def write_markdown(results: dict, path: Path) -> str:
                   f"{_sizes(results['training'])})", "",
                   "Activation memory: bytes autograd saves for backward in one forward (parameters "
                   "excluded). Peak RSS: a fresh process building the model and running two steps "
-                  "(`MALLOC_MMAP_THRESHOLD_=65536`); 'over baseline' subtracts its RSS after "
-                  "building the model and optimizer (so it holds activations, gradients, AdamW "
-                  "state).", "",
+                  "(`MALLOC_MMAP_THRESHOLD_=65536`; VmHWM, reset after building); 'over "
+                  "baseline' subtracts its RSS after building the model and optimizer (so it "
+                  "holds activations, gradients, AdamW state).", "",
                   "| model | dtype | library | median ms | ratio | activations MiB | peak RSS MiB | over baseline MiB |",
                   "|---|---|---|---|---|---|---|---|"]
         for row in results["training"]:
@@ -100,12 +100,15 @@ def write_markdown(results: dict, path: Path) -> str:
     if results.get("operator"):
         lines += ["## The operator alone (batch 8, window 7, shift 3, bias; head_dim 32)", "",
                   "`winattn`: `window_attention` on grid-layout q, k, v (gathers in and out); "
-                  "`winattn window-order`: the stage-internal call on tokens already in window "
+                  "`winattn window-order + block gather`: what a Swin block runs, the one row "
+                  "gather that moves its tokens (B, L, heads * d) from the plain windows' order "
+                  "to the shifted ones', then the stage-internal call on q, k, v in window "
                   "order, through SDPA (what float32 runs, and bf16 on CPUs with AMX); "
-                  "`winattn window-order, matmuls`: the same through two bf16 matmuls around a "
-                  "float32 softmax (what bf16 runs on CPUs without AMX); "
-                  "`roll/partition/matmul`: the peers' path; `SDPA dense mask`: one SDPA "
-                  "over the whole grid with a dense additive mask.", "",
+                  "`..., matmuls`: the same through two bf16 matmuls around a float32 softmax "
+                  "(what bf16 runs on CPUs without AMX); `roll/partition/matmul`: the peers' "
+                  "path; `SDPA dense mask`: one SDPA over the whole grid with a dense additive "
+                  "mask. Every path's output, in grid order, is checked against the peers' "
+                  "before timing.", "",
                   "| stage | dtype | path | median ms | ratio | GFLOP/s (useful) |",
                   "|---|---|---|---|---|---|"]
         for row in results["operator"]:
