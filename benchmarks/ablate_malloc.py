@@ -32,7 +32,8 @@ def worker(spec: dict) -> dict:
     """One process: build ``spec["library"]``'s Swin-T, time training steps."""
     import torch
 
-    from winattn.cli.bench_cases import build_peers, measure_peak, train_step_fn
+    from winattn.cli.bench_cases import build_peers, train_step_fn
+    from winattn.cli.bench_memory import measure_peak
     from winattn.train.allocator import tune_malloc
 
     done = tune_malloc() if spec["variant"] == "tuned" else "default"

@@ -224,7 +224,7 @@ def test_memory_peak_is_the_runs_not_the_building(monkeypatch):
     import mmap
     import os
 
-    from winattn.cli import bench_cases
+    from winattn.cli import bench_cases, bench_memory
 
     big, small = 256, 48  # MiB
 
@@ -246,14 +246,14 @@ def test_memory_peak_is_the_runs_not_the_building(monkeypatch):
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
     spec = dict(variant="swin_tiny_patch4_window7_224", peer="winattn", mode="features",
                 batch=1, dtype="fp32", resolution=8, threads=1)
-    result = bench_cases.run_worker(spec)
+    result = bench_memory.run_worker(spec)
     assert threads == [1]
     if os.access("/proc/self/clear_refs", os.W_OK):  # Linux
         assert result["peak_reset"]
     if result["peak_reset"]:
         assert small * 0.9 < result["peak_over_baseline_mib"] < big * 0.9
-    monkeypatch.setattr(bench_cases, "reset_peak_rss", lambda: False)
-    result = bench_cases.run_worker(spec)
+    monkeypatch.setattr(bench_memory, "reset_peak_rss", lambda: False)
+    result = bench_memory.run_worker(spec)
     assert result["peak_rss_mib"] is None and "not_measured" in result
 
     seen = {}
@@ -265,8 +265,8 @@ def test_memory_peak_is_the_runs_not_the_building(monkeypatch):
         seen.update(json.loads(cmd[-1]))
         return Done()
 
-    monkeypatch.setattr(bench_cases.subprocess, "run", fake_run)
-    bench_cases.measure_memory({k: v for k, v in spec.items() if k != "threads"})
+    monkeypatch.setattr(bench_memory.subprocess, "run", fake_run)
+    bench_memory.measure_memory({k: v for k, v in spec.items() if k != "threads"})
     assert seen["threads"] == torch.get_num_threads()
 
 

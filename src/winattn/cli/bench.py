@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import winattn
 
 from . import bench_cases as cases
+from . import bench_memory
 from .argtypes import output_folder, positive_int
 from .bench_report import write_markdown, write_plot
 
@@ -183,7 +184,7 @@ def training_section(settings: dict, peer_names: list[str], memory: bool, result
         for name, stats in summary.items():
             if memory:
                 _log(f"  peak RSS of a training process: {name}")
-                stats["memory"] = cases.measure_memory(dict(
+                stats["memory"] = bench_memory.measure_memory(dict(
                     variant=variant, peer=name, mode="train", batch=batch, dtype=dtype, steps=2))
         rows.append(dict(model=variant, batch=batch, dtype=dtype, size=size, parity=parity,
                          peers=summary))
@@ -221,7 +222,7 @@ def features_section(settings: dict, memory: bool, results: dict) -> list[dict]:
         summary = cases.summarise(times)
         if memory:
             for name, stats in summary.items():
-                stats["memory"] = cases.measure_memory(dict(
+                stats["memory"] = bench_memory.measure_memory(dict(
                     variant=variant, peer=name, mode="features", batch=1, dtype="fp32",
                     img_size=res, resolution=res))
         rows.append(dict(model=variant, resolution=res, pixels=res * res, max_abs_diff=err,
