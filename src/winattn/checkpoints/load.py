@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from ..models.base import stage_feature_sizes, to_2tuple
+from ..models.config_checks import WINDOW_RULES
 from ..models.swin import resolve_window
 from ..models.swin_v2 import cpb_divisors
 from .convert import CheckpointMismatchError, StateDict, to_native, unwrap
@@ -19,7 +21,6 @@ from .io import RawCheckpoint, open_checkpoint
 HEAD_PREFIX = "head.fc."
 _TABLE_SUFFIX = ".relative_position_bias_table"
 _TABLE_KEY = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_bias_table$")
-_WINDOW_RULES = ("official", "timm", "torchvision")
 # transformers' Swinv2Config defaults, for the keys save_pretrained leaves out of config.json.
 _HF_DEFAULTS = (
     ("image_size", 224), ("patch_size", 4), ("window_size", 7),
@@ -143,10 +144,6 @@ def _embed_bias_table(
     return padded.reshape(heads, -1).permute(1, 0).to(table.dtype).contiguous()  # (L', heads)
 
 
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
 @dataclass(frozen=True)
 class _TableWindows:
     """The windows behind one bias table of the model."""
@@ -170,19 +167,16 @@ def _table_windows(model: nn.Module, key: str, rows: int) -> _TableWindows:
     if window is None:
         side = (math.isqrt(rows) + 1) // 2
         return _TableWindows((side, side), (side, side))
-    table = _pair(window)
+    table = to_2tuple(window, "window_size")
     match = _TABLE_KEY.match(key)
     config = getattr(model, "config", None)
     rule = getattr(block, "window_rule", None)
     if match is None or rule is None or not hasattr(config, "img_size"):
         return _TableWindows(table, table)
     stage = int(match.group(1))
-    img_size = _pair(config.img_size)
-    patch = config.patch_size
-    feature = (math.ceil(img_size[0] / patch), math.ceil(img_size[1] / patch))
-    for _ in range(stage):  # every stage after the first starts with a 2x2 merging
-        feature = (math.ceil(feature[0] / 2), math.ceil(feature[1] / 2))
+    feature = stage_feature_sizes(config, stage + 1)[stage]
     used, _ = resolve_window(feature, table, (0, 0), rule)
+    img_size = to_2tuple(config.img_size, "img_size")
     return _TableWindows(table, tuple(used), stage, feature, img_size, rule)
 
 
@@ -227,7 +221,7 @@ def _unfit_table_message(value: Tensor, windows: _TableWindows, key: str, where:
         f" stage {windows.stage} uses at img_size {windows.img_size} (a {windows.feature[0]}x"
         f"{windows.feature[1]} map, window_rule={windows.rule!r})"
     )
-    for rule in _WINDOW_RULES:
+    for rule in WINDOW_RULES:
         other, _ = resolve_window(windows.feature, windows.table, (0, 0), rule)
         if rule != windows.rule and (2 * other[0] - 1) * (2 * other[1] - 1) == rows:
             return message + (
@@ -323,8 +317,9 @@ def _hf_windows(config: Mapping, num_stages: int) -> list[tuple[int, int] | None
     keys take ``Swinv2Config``'s defaults, as ``save_pretrained`` leaves them out.
     """
     settings = {key: config.get(key, default) for key, default in _HF_DEFAULTS}
-    image, patch = _pair(settings["image_size"]), _pair(settings["patch_size"])
-    window = _pair(settings["window_size"])
+    image = to_2tuple(settings["image_size"], "image_size")
+    patch = to_2tuple(settings["patch_size"], "patch_size")
+    window = to_2tuple(settings["window_size"], "window_size")
     pretrained = list(settings["pretrained_window_sizes"] or ())
     grid = (image[0] // patch[0], image[1] // patch[1])
     windows: list[tuple[int, int] | None] = []

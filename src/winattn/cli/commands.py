@@ -39,7 +39,7 @@ def _fetch_pretrained(model_name: str) -> str:
                          f"--checkpoint PATH instead") from err
 
 
-def _head_classes(raw: Any, where: str) -> int | None:
+def head_classes(raw: Any, where: str) -> int | None:
     """The class count of a foreign checkpoint's classifier, or None (no head, or not a layout
     we know: loading it then says what is wrong)."""
     from winattn.checkpoints.convert import to_native, unwrap
@@ -93,7 +93,7 @@ def load_model_for_inference(checkpoint: str | None, model_name: str | None, *,
                          f" pass --model NAME to say which model it holds")
     kwargs: dict[str, Any] = {}
     if raw is not None:
-        num_classes = _head_classes(raw, where)
+        num_classes = head_classes(raw, where)
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
         kwargs["checkpoint"] = where  # read again by the loader, which names it in its errors

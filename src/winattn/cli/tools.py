@@ -69,12 +69,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     where = checkpoint.source
     if args.model:
         import winattn
-        from winattn.cli.commands import _head_classes
+        from winattn.cli.commands import head_classes
 
         # Checked on the checkpoint as read: conversion drops what says which windows a V2
         # position bias was trained at (coordinate tables, config.json). The model takes the
         # checkpoint's class count (a fine-tune's head is not the variant's 1000 classes).
-        classes = _head_classes(checkpoint.content, where)
+        classes = head_classes(checkpoint.content, where)
         kwargs = {} if classes is None else {"num_classes": classes}
         winattn.load_checkpoint(winattn.create_model(args.model, **kwargs), checkpoint)
     raw = unwrap(checkpoint.content, source=f"checkpoint {where}")

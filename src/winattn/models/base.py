@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import numbers
+import math
 
 import torch
 from torch import nn
 
-
-def is_int(value: object) -> bool:
-    """An integer (Python's or numpy's), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+from ..ops.checks import is_int
 
 
 def check_int(name: str, value: object, minimum: int) -> int:
@@ -33,6 +30,20 @@ def to_2tuple(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     if len(items) != 2 or not all(is_int(i) for i in items):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
     return (int(items[0]), int(items[1]))
+
+
+def stage_feature_sizes(config: object, num_stages: int) -> list[tuple[int, int]]:
+    """The feature map of each of the first ``num_stages`` stages at ``config.img_size``: the
+    patch grid (padded up), then halved (rounded up) by each stage's 2x2 merging."""
+    height, width = to_2tuple(config.img_size, "img_size")  # type: ignore[attr-defined]
+    patch = config.patch_size  # type: ignore[attr-defined]
+    feature = (math.ceil(height / patch), math.ceil(width / patch))
+    sizes = []
+    for i in range(num_stages):
+        if i > 0:
+            feature = (math.ceil(feature[0] / 2), math.ceil(feature[1] / 2))
+        sizes.append(feature)
+    return sizes
 
 
 class SwinBackbone(nn.Module):

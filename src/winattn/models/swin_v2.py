@@ -23,7 +23,7 @@ from ..layers import DropPath, Mlp, PatchEmbed, PatchMerging, fused, fused_norm
 from ..layers.attention_v2 import WindowAttentionV2
 from ..ops import WindowPlan
 from ..ops.traceable import is_tracing
-from .base import SwinBackbone
+from .base import SwinBackbone, stage_feature_sizes
 from .registry import register_model
 from .swin import (
     AttentionPath,
@@ -368,13 +368,9 @@ def _table_divisor(table: torch.Tensor) -> tuple[int, int] | None:
 
 def cpb_divisors(model: SwinTransformerV2) -> list[tuple[int, int] | None]:
     """Per stage, the divisor the model uses at its configured image size."""
-    config = model.config
-    height, width = to_2tuple(config.img_size, "img_size")
-    feature = (math.ceil(height / config.patch_size), math.ceil(width / config.patch_size))
+    features = stage_feature_sizes(model.config, len(model.layers))
     divisors: list[tuple[int, int] | None] = []
-    for i, stage in enumerate(model.layers):
-        if i > 0:
-            feature = (math.ceil(feature[0] / 2), math.ceil(feature[1] / 2))
+    for feature, stage in zip(features, model.layers):
         block = stage.blocks[0] if len(stage.blocks) else None
         if block is None:
             divisors.append(None)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Sequence, Union
 
 import torch
 
 BoolOrTuple = Union[bool, Sequence[bool]]
+
+
+def is_int(value: object) -> bool:
+    """An integer (Python's or numpy's), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ranks=(4, 5, 6)) -> None:

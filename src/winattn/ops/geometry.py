@@ -10,12 +10,12 @@ same shape reuses one plan.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Sequence, Union
 
 import torch
 
+from .checks import is_int
 from .stamps import tensor_cache
 
 IntOrTuple = Union[int, Sequence[int]]
@@ -33,15 +33,13 @@ def normalize_tuple(value: IntOrTuple, ndim: int, name: str) -> tuple[int, ...]:
     """
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a tuple of {ndim} ints, got {value!r}")
-    if isinstance(value, numbers.Integral):  # numpy's integers too
+    if is_int(value):  # numpy's integers too
         return (int(value),) * ndim
     try:
         items = tuple(value)
     except TypeError:
         raise TypeError(f"{name} must be an int or a tuple of {ndim} ints, got {value!r}") from None
-    if len(items) != ndim or not all(
-        isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in items
-    ):
+    if len(items) != ndim or not all(is_int(i) for i in items):
         raise ValueError(
             f"{name} must be an int or a tuple of {ndim} ints (one per grid axis), got {value!r}"
         )

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .backends.sdpa import attend_windows
+from .checks import is_int
 from .stamps import tensor_cache
 
 
@@ -42,19 +43,15 @@ class LocalAttentionSettings:
     def __post_init__(self) -> None:
         sizes = self.tile_size
         if sizes is not None:
-            items = (sizes,) if _is_int(sizes) else sizes
-            if not isinstance(items, tuple) or not items or not all(_is_int(t) for t in items):
+            items = (sizes,) if is_int(sizes) else sizes
+            if not isinstance(items, tuple) or not items or not all(is_int(t) for t in items):
                 raise TypeError(f"tile_size must be None, an int or a tuple of ints, got {sizes!r}")
             if min(items) < 1:
                 raise ValueError(f"tile_size must be >= 1 on every axis, got {sizes!r}")
-        if not _is_int(self.max_chunk_logits) or self.max_chunk_logits < 1:
+        if not is_int(self.max_chunk_logits) or self.max_chunk_logits < 1:
             raise ValueError(
                 f"max_chunk_logits must be an int >= 1, got {self.max_chunk_logits!r}"
             )
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 DEFAULT_SETTINGS = LocalAttentionSettings()
