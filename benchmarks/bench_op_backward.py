@@ -32,6 +32,7 @@ import torch
 from winattn.cli import bench_cases as cases
 from winattn.cli.argtypes import non_negative_int, positive_int
 from winattn.cli.bench import _peer_window_path
+from winattn.cli.bench_report import format_ratio
 from winattn.ops import plan_windows
 from winattn.ops.backends.sdpa import attend_qkv, combine_mask
 from winattn.ops.geometry import move_tokens
@@ -181,7 +182,7 @@ def main() -> None:
             for name, stats in summary.items():
                 gflops = flops / (stats["median_ms"] / 1e3) / 1e9
                 print(f"| {stage} ({BATCH}, {side}, {side}, {heads}, {HEAD_DIM}) | {dtype_name} | "
-                      f"{name} | {stats['median_ms']:.2f} | {stats['speedup_of_winattn']:.2f}x | "
+                      f"{name} | {stats['median_ms']:.2f} | {format_ratio(stats)} | "
                       f"{gflops:.1f} | {saved[name]:.1f} | {errors[name]:.1e} |")
                 rows.append(dict(stage=stage, dtype=dtype_name, path=name, flops=flops,
                                  gflops=gflops, saved_mib=saved[name],

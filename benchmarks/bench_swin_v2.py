@@ -36,6 +36,7 @@ import torch
 import winattn
 from winattn.cli import bench_cases as cases
 from winattn.cli.argtypes import non_negative_int, output_folder, positive_int
+from winattn.cli.bench_report import format_ratio
 
 
 def build(name: str, peer_names: list[str]) -> dict[str, cases.Peer]:
@@ -60,7 +61,7 @@ def training_rows(name: str, built: dict[str, cases.Peer], resolution: int, dtyp
         summary, parity = cases.time_training_steps(peers, x, target, dtype, 1, repeats)
         for lib, stats in summary.items():
             lines.append(f"| {name} train | {batch} | {dtype} | {lib} | "
-                         f"{stats['median_ms']:.0f} | {stats['speedup_of_winattn']:.2f}x | "
+                         f"{stats['median_ms']:.0f} | {format_ratio(stats)} | "
                          f"activations {stats['activation_mib']:.0f} MiB |")
         rows.append(dict(model=name, batch=batch, dtype=dtype, mode="train", parity=parity,
                          peers=summary))
@@ -109,9 +110,8 @@ def main() -> int:
                                             parity=parity, peers=summary))
                 for lib, stats in summary.items():
                     check = "-" if lib == "winattn" else ("ok" if parity[lib]["ok"] else "FAIL")
-                    ratio = stats["speedup_of_winattn"]
                     lines.append(f"| {name} | {batch} | {dtype} | {lib} | "
-                                 f"{stats['median_ms']:.1f} | {ratio:.2f}x | {check} |")
+                                 f"{stats['median_ms']:.1f} | {format_ratio(stats)} | {check} |")
         if args.train:
             results["rows"] += training_rows(name, built, resolution, args.dtypes,
                                              args.train_repeats, lines)

@@ -39,6 +39,24 @@ def test_summary_ratios_are_peer_over_winattn():
     assert [len(times[name]) for name in "wpq"] == [6, 6, 6]
 
 
+def test_round_ratios_pair_each_round():
+    """The per-round ratios pair the libraries' times round by round, so a round in which the
+    host ran slow for both leaves them where they were; the report shows their quartiles."""
+    from winattn.cli.bench_report import format_ratio
+
+    # the host halves its speed in rounds 3 and 4; within every round the peer takes 2x
+    # (2.5x in the last)
+    summary = summarise({"winattn": [1.0, 1.0, 2.0, 2.0], "peer": [2.0, 2.0, 4.0, 5.0]})
+    assert summary["peer"]["round_ratios"] == pytest.approx([2.0, 2.0, 2.125])
+    assert summary["peer"]["speedup_of_winattn"] == pytest.approx(3.0 / 1.5)
+    assert format_ratio(summary["peer"]) == "2.00x (2.00-2.12)"
+    assert format_ratio(summary["winattn"]) == "1.00x"
+    # results recorded before the quartiles were kept
+    assert format_ratio({"speedup_of_winattn": 1.5}) == "1.50x"
+    with pytest.raises(ValueError):
+        summarise({"winattn": [1.0, 2.0], "peer": [1.0]})
+
+
 @pytest.mark.parametrize("count", [2, 3, 4, 5])
 def test_interleaved_order_is_balanced_for_carry_over(count):
     """Within the rounds, every function follows every other one equally often and each

@@ -122,7 +122,12 @@ def time_interleaved(
 
 
 def summarise(times: dict[str, list[float]], ours: str = "winattn") -> dict[str, dict]:
-    """Median ms, spread, and each peer's median over ours (>1: winattn is faster)."""
+    """Median ms, spread, and each peer's median over ours (>1: winattn is faster).
+
+    ``round_ratios``: the quartiles of the per-round ratios (a peer's time over ours in the
+    same round), which say how far the ratio moved from round to round: on a shared host
+    whose speed drifts, the median ratio can sit on a spread of +-10%. ``times`` lists each
+    library's times round by round, as :func:`time_interleaved` returns them."""
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     return {
         name: {
@@ -131,9 +136,20 @@ def summarise(times: dict[str, list[float]], ours: str = "winattn") -> dict[str,
             "max_ms": max(ts) * 1e3,
             "repeats": len(ts),
             "speedup_of_winattn": medians[name] / medians[ours],
+            "round_ratios": round_ratio_quartiles(ts, times[ours]),
         }
         for name, ts in times.items()
     }
+
+
+def round_ratio_quartiles(theirs: list[float], ours: list[float]) -> list[float]:
+    """Lower quartile, median and upper quartile of ``theirs[i] / ours[i]`` over the rounds
+    (all three the one ratio when there is a single round)."""
+    ratios = [t / o for t, o in zip(theirs, ours, strict=True)]
+    if len(ratios) < 2:
+        return ratios * 3
+    low, middle, high = statistics.quantiles(ratios, n=4, method="inclusive")
+    return [low, middle, high]
 
 
 # --------------------------------------------------------------------------- machine

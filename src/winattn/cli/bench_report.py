@@ -22,8 +22,14 @@ def _mib(memory: dict, key: str) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.0f}"
 
 
-def _ratio(stats: dict) -> str:
-    return f"{stats['speedup_of_winattn']:.2f}x"
+def format_ratio(stats: dict) -> str:
+    """The ratio of medians, then the per-round ratios' interquartile range (results recorded
+    before that range was kept have none)."""
+    ratio = f"{stats['speedup_of_winattn']:.2f}x"
+    quartiles = stats.get("round_ratios")
+    if not quartiles or stats["speedup_of_winattn"] == 1.0 and quartiles[0] == quartiles[2]:
+        return ratio
+    return f"{ratio} ({quartiles[0]:.2f}-{quartiles[2]:.2f})"
 
 
 def write_markdown(results: dict, path: Path) -> str:
@@ -47,7 +53,9 @@ def write_markdown(results: dict, path: Path) -> str:
         "- GFLOP/s: the model's nominal FLOPs (PyTorch's FLOP counter on timm's model) over the "
         "median time; 'of peak' divides by the measured matmul peak of that dtype",
         "- ratios: a peer's median time over winattn's, in the same process, the libraries "
-        "taking turns call by call in a balanced order (above 1: winattn is faster)",
+        "taking turns call by call in a balanced order (above 1: winattn is faster); in "
+        "brackets the interquartile range of the ratios round by round, how far the ratio "
+        "moved between rounds",
         "",
     ]
     for note in results.get("notes", []):
@@ -62,7 +70,7 @@ def write_markdown(results: dict, path: Path) -> str:
                 check = "-" if name == "winattn" else ("ok" if par.get("ok") else par.get("why", "?"))
                 lines.append(
                     f"| {SHORT.get(row['model'], row['model'])} | {row['batch']} | {row['dtype']} | "
-                    f"{name} | {s['median_ms']:.1f} | {_ratio(s)} | {s['gflops']:.1f} | "
+                    f"{name} | {s['median_ms']:.1f} | {format_ratio(s)} | {s['gflops']:.1f} | "
                     f"{100 * s['utilisation']:.0f}% | {check} |")
         lines.append("")
     if results.get("training"):
@@ -80,7 +88,7 @@ def write_markdown(results: dict, path: Path) -> str:
                 mem = s.get("memory", {})
                 lines.append(
                     f"| {SHORT.get(row['model'], row['model'])} | {row['dtype']} | {name} | "
-                    f"{s['median_ms']:.0f} | {_ratio(s)} | {s['activation_mib']:.0f} | "
+                    f"{s['median_ms']:.0f} | {format_ratio(s)} | {s['activation_mib']:.0f} | "
                     f"{_mib(mem, 'peak_rss_mib')} | {_mib(mem, 'peak_over_baseline_mib')} |")
         lines.append("")
     if results.get("features"):
@@ -95,7 +103,7 @@ def write_markdown(results: dict, path: Path) -> str:
                                                   " (padding differs by design)"))
                 lines.append(
                     f"| {row['resolution']}x{row['resolution']} | {name} | {s['median_ms']:.0f} | "
-                    f"{_ratio(s)} | {_mib(mem, 'peak_over_baseline_mib')} | {diff} |")
+                    f"{format_ratio(s)} | {_mib(mem, 'peak_over_baseline_mib')} | {diff} |")
         lines.append("")
     if results.get("operator"):
         lines += ["## The operator alone (batch 8, window 7, shift 3, bias; head_dim 32)", "",
@@ -114,7 +122,7 @@ def write_markdown(results: dict, path: Path) -> str:
         for row in results["operator"]:
             for name, s in row["peers"].items():
                 lines.append(f"| {row['stage']} {tuple(row['shape'])} | {row['dtype']} | {name} | "
-                             f"{s['median_ms']:.2f} | {_ratio(s)} | {s['gflops']:.1f} |")
+                             f"{s['median_ms']:.2f} | {format_ratio(s)} | {s['gflops']:.1f} |")
         lines.append("")
     text = "\n".join(lines)
     path.write_text(text)
