@@ -57,6 +57,19 @@ def test_round_ratios_pair_each_round():
         summarise({"winattn": [1.0, 2.0], "peer": [1.0]})
 
 
+def test_report_says_when_the_host_speed_moved():
+    from winattn.cli.bench_report import peak_drift
+
+    steady = {"peak_gflops_start": {"fp32": 400.0, "bf16": 2500.0},
+              "peak_gflops_end": {"fp32": 380.0, "bf16": 2600.0}}
+    assert peak_drift(steady) is None
+    moved = {"peak_gflops_start": {"fp32": 400.0, "bf16": 2500.0},
+             "peak_gflops_end": {"fp32": 260.0, "bf16": 2450.0}}
+    line = peak_drift(moved)
+    assert "fp32 400 -> 260 GFLOP/s (-35%)" in line and "bf16 2500 -> 2450" in line
+    assert peak_drift({"peak_gflops": {"fp32": 1.0, "bf16": 1.0}}) is None  # older runs
+
+
 @pytest.mark.parametrize("count", [2, 3, 4, 5])
 def test_interleaved_order_is_balanced_for_carry_over(count):
     """Within the rounds, every function follows every other one equally often and each

@@ -32,6 +32,37 @@ def format_ratio(stats: dict) -> str:
     return f"{ratio} ({quartiles[0]:.2f}-{quartiles[2]:.2f})"
 
 
+#: A change of the measured matmul peak between the start and the end of a run above which the
+#: report says the host's speed moved during it.
+PEAK_DRIFT = 0.10
+
+
+def peak_drift(results: dict) -> str | None:
+    """A line for the report when the matmul peak measured at the end of the run differs from
+    the start's by more than :data:`PEAK_DRIFT` in either dtype (another tenant of a shared
+    host, a frequency change), or None. Runs recorded before the start's peak was kept give
+    None."""
+    start, end = results.get("peak_gflops_start"), results.get("peak_gflops_end")
+    if not start or not end:
+        return None
+    moved = {
+        dtype: end[dtype] / start[dtype] - 1
+        for dtype in ("fp32", "bf16")
+        if start.get(dtype) and end.get(dtype)
+    }
+    if all(abs(change) <= PEAK_DRIFT for change in moved.values()):
+        return None
+    parts = ", ".join(
+        f"{dtype} {start[dtype]:.0f} -> {end[dtype]:.0f} GFLOP/s ({100 * change:+.0f}%)"
+        for dtype, change in moved.items()
+    )
+    return (
+        f"- **the host's speed moved during the run**: matmul peak at start -> end {parts}; "
+        "absolute times and the 'of peak' column are less reliable than the ratios, which "
+        "compare calls made in the same rounds"
+    )
+
+
 def write_markdown(results: dict, path: Path) -> str:
     m, v = results["machine"], results["versions"]
     lines = [
@@ -58,6 +89,9 @@ def write_markdown(results: dict, path: Path) -> str:
         "moved between rounds",
         "",
     ]
+    drift = peak_drift(results)
+    if drift:
+        lines.insert(-1, drift)
     for note in results.get("notes", []):
         lines.append(f"- note: {note}")
     if results.get("inference"):
