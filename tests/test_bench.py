@@ -49,7 +49,7 @@ def test_round_ratios_pair_each_round():
     summary = summarise({"winattn": [1.0, 1.0, 2.0, 2.0], "peer": [2.0, 2.0, 4.0, 5.0]})
     assert summary["peer"]["round_ratios"] == pytest.approx([2.0, 2.0, 2.125])
     assert summary["peer"]["speedup_of_winattn"] == pytest.approx(3.0 / 1.5)
-    assert format_ratio(summary["peer"]) == "2.00x (2.00-2.12)"
+    assert format_ratio(summary["peer"]) == "2.00x (rounds 2.00, 2.00-2.12)"
     assert format_ratio(summary["winattn"]) == "1.00x"
     # results recorded before the quartiles were kept
     assert format_ratio({"speedup_of_winattn": 1.5}) == "1.50x"

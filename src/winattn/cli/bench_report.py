@@ -23,13 +23,14 @@ def _mib(memory: dict, key: str) -> str:
 
 
 def format_ratio(stats: dict) -> str:
-    """The ratio of medians, then the per-round ratios' interquartile range (results recorded
-    before that range was kept have none)."""
+    """The ratio of medians, then the per-round ratios' median and interquartile range
+    (results recorded before those were kept have none)."""
     ratio = f"{stats['speedup_of_winattn']:.2f}x"
     quartiles = stats.get("round_ratios")
     if not quartiles or stats["speedup_of_winattn"] == 1.0 and quartiles[0] == quartiles[2]:
         return ratio
-    return f"{ratio} ({quartiles[0]:.2f}-{quartiles[2]:.2f})"
+    low, middle, high = quartiles
+    return f"{ratio} (rounds {middle:.2f}, {low:.2f}-{high:.2f})"
 
 
 #: A change of the measured matmul peak between the start and the end of a run above which the
@@ -85,8 +86,9 @@ def write_markdown(results: dict, path: Path) -> str:
         "median time; 'of peak' divides by the measured matmul peak of that dtype",
         "- ratios: a peer's median time over winattn's, in the same process, the libraries "
         "taking turns call by call in a balanced order (above 1: winattn is faster); in "
-        "brackets the interquartile range of the ratios round by round, how far the ratio "
-        "moved between rounds",
+        "brackets the ratios round by round (a peer's time over winattn's in the same round): "
+        "their median and interquartile range, how far the ratio moved between rounds. Where "
+        "the host's speed drifts during a run the two medians part",
         "",
     ]
     drift = peak_drift(results)
