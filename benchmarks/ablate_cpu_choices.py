@@ -23,7 +23,13 @@ import statistics
 import torch
 
 from winattn.cli.argtypes import non_negative_int, positive_int
-from winattn.cli.bench_cases import autocast_context, build_peers, time_interleaved, train_step_fn
+from winattn.cli.bench_cases import (
+    autocast_context,
+    build_peers,
+    round_ratio_quartiles,
+    time_interleaved,
+    train_step_fn,
+)
 from winattn.layers import attention, fused
 from winattn.models import swin
 from winattn.ops.backends import sdpa
@@ -77,13 +83,17 @@ def apply(variant: str) -> None:
 
 
 def _table(title: str, times: dict[str, list[float]]) -> None:
+    """Medians, and each variant's median over the default's with the per-round ratios'
+    median and quartiles (the variant's time over the default's in the same round)."""
     base = statistics.median(times["default"])
     print(title)
-    print("| variant | median ms | min ms | median / default's |")
+    print("| variant | median ms | min ms | median / default's [rounds: median, quartiles] |")
     print("|---|---|---|---|")
     for name, ts in times.items():
         median = statistics.median(ts)
-        print(f"| {name} | {median * 1e3:.1f} | {min(ts) * 1e3:.1f} | {median / base:.2f}x |")
+        low, middle, high = round_ratio_quartiles(ts, times["default"])
+        print(f"| {name} | {median * 1e3:.1f} | {min(ts) * 1e3:.1f} | {median / base:.2f}x "
+              f"[{middle:.2f}, {low:.2f}-{high:.2f}] |")
     print()
 
 
