@@ -18,7 +18,6 @@ quotes; the defaults follow ``cpu_has_amx()``, so rerun this on a new CPU before
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
@@ -26,10 +25,11 @@ from winattn.cli.argtypes import non_negative_int, positive_int
 from winattn.cli.bench_cases import (
     autocast_context,
     build_peers,
-    round_ratio_quartiles,
+    summarise,
     time_interleaved,
     train_step_fn,
 )
+from winattn.cli.bench_report import format_ratio
 from winattn.layers import attention, fused
 from winattn.models import swin
 from winattn.ops.backends import sdpa
@@ -84,16 +84,14 @@ def apply(variant: str) -> None:
 
 def _table(title: str, times: dict[str, list[float]]) -> None:
     """Medians, and each variant's median over the default's with the per-round ratios'
-    median and quartiles (the variant's time over the default's in the same round)."""
-    base = statistics.median(times["default"])
+    median and quartiles (:func:`summarise` against the default, as ``winattn bench`` reports
+    a peer against winattn)."""
     print(title)
-    print("| variant | median ms | min ms | median / default's [rounds: median, quartiles] |")
+    print("| variant | median ms | min ms | median / default's (rounds: median, quartiles) |")
     print("|---|---|---|---|")
-    for name, ts in times.items():
-        median = statistics.median(ts)
-        low, middle, high = round_ratio_quartiles(ts, times["default"])
-        print(f"| {name} | {median * 1e3:.1f} | {min(ts) * 1e3:.1f} | {median / base:.2f}x "
-              f"[{middle:.2f}, {low:.2f}-{high:.2f}] |")
+    for name, stats in summarise(times, ours="default").items():
+        print(f"| {name} | {stats['median_ms']:.1f} | {stats['min_ms']:.1f} | "
+              f"{format_ratio(stats)} |")
     print()
 
 

@@ -41,7 +41,7 @@ PEAK_DRIFT = 0.10
 def peak_drift(results: dict) -> str | None:
     """A line for the report when the matmul peak measured at the end of the run differs from
     the start's by more than :data:`PEAK_DRIFT` in either dtype (another tenant of a shared
-    host, a frequency change), or None. Runs recorded before the start's peak was kept give
+    host, a frequency change), or None. Runs recorded before the end's peak was kept give
     None."""
     start, end = results.get("peak_gflops_start"), results.get("peak_gflops_end")
     if not start or not end:
