@@ -1,7 +1,8 @@
 """The caches of tensors derived from weights (eval masks, position biases, prepared
 inference weights) notice in-place updates and replaced parameters, including a replacement
 that shares the old one's storage and version counter, which a key of address and version
-alone (or ``id()`` and version) would take for the old parameter."""
+alone (or ``id()`` and version) would take for the old parameter; and the grid-layout
+operator's mask cache follows every change of the bias it was folded from."""
 
 from __future__ import annotations
 
@@ -171,3 +172,78 @@ def test_models_follow_weights_copied_through_data(name):
         p.data.copy_(q.data)
     for bf16 in (False, True):
         torch.testing.assert_close(run(model, bf16), run(fresh, bf16), atol=0, rtol=0)
+
+
+def _grid_call(bias: torch.Tensor | None, batch: int = 2, dtype=torch.float32):
+    """The grid-layout operator on a shifted 8x8 grid, window 4, 2 heads: (call, reference)."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(3, batch, 8, 8, 2, 4, generator=gen).to(dtype).unbind(0)
+
+    def call():
+        return winattn.window_attention(q, k, v, 4, shift_size=2, bias=bias)
+
+    def reference():
+        return winattn.window_attention(q, k, v, 4, shift_size=2, bias=bias, backend="reference")
+
+    return call, reference
+
+
+def _sdpa_masks():
+    from winattn.ops.backends import BACKENDS
+
+    return next(b for b in BACKENDS if b.name == "sdpa").masks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_operator_mask_cache_follows_every_change_of_the_bias(dtype):
+    masks = _sdpa_masks()
+    masks.clear()
+    bias = torch.randn(2, 16, 16)
+    call, reference = _grid_call(bias, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    with torch.no_grad():
+        first = call()
+        assert len(masks) == 1
+        assert torch.equal(call(), first) and len(masks) == 1  # served from the cache
+        bias.mul_(-1.0)  # in place
+        assert not torch.equal(call(), first)
+        assert (call().float() - reference().float()).abs().max() < tol
+        bias.data[1, 3, 5] = 40.0  # through .data, no version bump, mid-tensor
+        assert (call().float() - reference().float()).abs().max() < tol
+        bias.copy_(torch.randn(2, 16, 16))
+        assert (call().float() - reference().float()).abs().max() < tol
+
+
+def test_operator_mask_cache_is_bypassed_with_gradients_and_keyed_by_batch():
+    masks = _sdpa_masks()
+    masks.clear()
+    bias = torch.randn(2, 16, 16, requires_grad=True)
+    call, reference = _grid_call(bias)
+    out = call()
+    assert len(masks) == 0  # the bias wants a gradient: folded afresh, nothing kept
+    out.sum().backward()
+    assert bias.grad is not None and bias.grad.abs().sum() > 0
+    with torch.no_grad():
+        call()
+        _grid_call(bias, batch=3)[0]()
+    assert len(masks) == 2  # one per batch size
+
+
+def test_operator_mask_cache_stays_under_its_byte_bound():
+    masks = _sdpa_masks()
+    masks.clear()
+    kept = masks.max_bytes
+    try:
+        masks.max_bytes = 3 * 2 * 4 * 2 * 16 * 16 * 4  # three batch-2 masks of 4 windows
+        with torch.no_grad():
+            for _ in range(5):
+                _grid_call(torch.randn(2, 16, 16))[0]()
+                _grid_call(torch.randn(2, 16, 16), batch=3)[0]()
+        assert sum(m.nbytes for _, m in masks._entries.values()) <= masks.max_bytes
+        masks.max_bytes = 16  # smaller than any mask: built, not kept
+        masks.clear()
+        with torch.no_grad():
+            _grid_call(torch.randn(2, 16, 16))[0]()
+        assert len(masks) == 0
+    finally:
+        masks.max_bytes = kept
