@@ -13,6 +13,7 @@ from ..ops.backends.sdpa import (
     attend_qkv,
     combine_mask,
     explicit_attention,
+    mask_rows,
     prefers_matmuls,
 )
 from ..ops.traceable import TracedWindows, traceable_window_attention
@@ -132,7 +133,8 @@ class WindowAttention(nn.Module):
         if torch.is_grad_enabled() and table.requires_grad:
             mask = self.window_mask(plan, qkv.dtype)  # rebuilt: the table needs its gradient
         else:
-            mask = self._cached_mask(plan, qkv.dtype, batch * windows)
+            rows = mask_rows(*fused_attention.unbind_qkv(qkv5), batch * windows, windows)
+            mask = self._cached_mask(plan, qkv.dtype, rows)
         rows = None if residual is None else residual.view(batch * windows, tokens, channels)
         out = fused_attention.attend_project(qkv5, mask, self.scale, self.proj, rows)
         out = out.view(batch, length, channels)  # (B*nW, N, C) -> (B, L, C)
@@ -147,7 +149,8 @@ class WindowAttention(nn.Module):
         q, k, v = fused_attention.unbind_qkv(
             qkv.view(rows, plan.window_tokens, 3, self.num_heads, self.head_dim)
         )
-        out = attend_qkv(q, k, v, self._cached_mask(plan, qkv.dtype, rows), self.scale)
+        mask = self._cached_mask(plan, qkv.dtype, mask_rows(q, k, v, rows, plan.num_windows))
+        out = attend_qkv(q, k, v, mask, self.scale)
         return out.view(batch, length, width // 3)
 
     def forward_window_rows(self, x: torch.Tensor, plan: WindowPlan, first: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ from ..ops.backends.sdpa import (
     attend_qkv,
     combine_mask,
     explicit_attention,
+    mask_rows,
     prefers_matmuls,
 )
 from ..ops.stamps import parameter_stamp, same_parameters, tensor_cache
@@ -379,7 +380,8 @@ class WindowAttentionV2(nn.Module):
         if prefers_matmuls(q):
             out = explicit_attention(q, k, v, self._cached_mask(plan, rows, torch.float32), 1.0)
         else:
-            out = attend_qkv(q, k, v, self._cached_mask(plan, rows, q.dtype), 1.0)
+            mask = self._cached_mask(plan, mask_rows(q, k, v, rows, plan.num_windows), q.dtype)
+            out = attend_qkv(q, k, v, mask, 1.0)
         return out.view(batch, length, width // 3)
 
     def inference_constants(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor]:

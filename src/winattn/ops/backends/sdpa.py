@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..call import AttentionCall
 from ..stamps import parameter_stamp, same_parameters
+from . import cpu_kernel
 
 
 def _register_flops() -> None:
@@ -436,8 +437,18 @@ def attend_qkv(
     tensors = (q, k, v) if mask is None else (q, k, v, mask)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _WindowAttentionFunction.apply(q, k, v, mask, scale)
+    out = cpu_kernel.attend(q, k, v, mask, scale)  # winattn's CPU kernel, where it serves
+    if out is not None:
+        return out
     expanded = None if mask is None else expand_to_batch(mask, q.shape[0])
     return _fused_attention(q, k, v, expanded, scale)
+
+
+def mask_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int, windows: int) -> int:
+    """How many windows a cached eval mask for :func:`attend_qkv` on q, k, v should span:
+    ``windows`` (compact) where winattn's CPU kernel serves the call (it broadcasts the mask
+    over the batch itself), else ``rows`` (expanded to the batch, as SDPA's kernel needs)."""
+    return windows if cpu_kernel.serves(q, k, v) else rows
 
 
 def attend_windows(
@@ -512,8 +523,10 @@ class SdpaBackend:
         if not call.needs_grad and prefers_matmuls(q):
             out = explicit_attention(q, k, v, self.masks.get(call, torch.float32, None), call.scale)
         else:
-            # Expanded to the batch (and kept) without gradients; compact for the Function.
-            mask = self.masks.get(call, q.dtype, None if call.needs_grad else rows)
+            # Expanded to the batch (and kept) for SDPA without gradients; compact for the
+            # Function and for winattn's CPU kernel.
+            mask_rows_ = None if call.needs_grad else mask_rows(q, k, v, rows, plan.num_windows)
+            mask = self.masks.get(call, q.dtype, mask_rows_)
             out = attend_qkv(q, k, v, mask, call.scale)  # (B*nW, N, heads, d)
         out = out.view(batch, plan.num_windows, tokens, channels)
         return plan.reverse(out).view(call.q.shape)  # (B, *grid, heads, d)
