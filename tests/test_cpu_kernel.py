@@ -103,7 +103,9 @@ def test_exponentials_in_the_subnormal_range_come_out_as_zero_and_the_rest_exact
     assert (out.double() - expected).abs().max().item() < 1e-5
 
 
-def test_attend_qkv_takes_the_kernel_only_without_gradients_and_outside_tracing(monkeypatch):
+def test_attend_qkv_takes_the_kernel_for_forwards_and_never_under_tracing(monkeypatch):
+    """Without gradients and in the training Function's forward (whose backward recomputes
+    the probabilities itself); not while torch.compile or an exporter traces."""
     q, k, v = _qkv(8, 3, 49, torch.float32)
     mask = torch.randn(4, 3, 49, 49)
     calls = []
@@ -120,12 +122,17 @@ def test_attend_qkv_takes_the_kernel_only_without_gradients_and_outside_tracing(
     assert len(calls) == 1
     leaf = [t.detach().requires_grad_() for t in (q, k, v)]
     with_grad = sdpa.attend_qkv(*leaf, mask, 0.2)
-    assert len(calls) == 1  # the training Function, not the kernel
-    assert (with_grad.detach() - kernel_out).abs().max() < 1e-5
+    assert len(calls) == 2 and type(with_grad.grad_fn).__name__.startswith("_WindowAttention")
+    assert torch.equal(with_grad.detach(), kernel_out)
+    with_grad.square().sum().backward()
+    reference = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    _reference(*reference, mask, 0.2).square().sum().backward()
+    for ours, theirs in zip(leaf, reference):
+        assert (ours.grad.double() - theirs.grad).abs().max() < 1e-4
     monkeypatch.setattr(cpu_kernel, "_tracing", lambda: True)
     with torch.no_grad():
         sdpa.attend_qkv(q, k, v, mask, 0.2)
-    assert len(calls) == 1
+    assert len(calls) == 2
 
 
 def test_calls_it_does_not_fit_go_to_sdpa():
@@ -199,3 +206,25 @@ def test_grid_operator_with_the_kernel_matches_the_reference():
             backend="reference",
         )
     assert (out.double() - ref).abs().max().item() < 1e-5
+
+
+def test_converted_masks_are_kept_only_for_masks_that_live():
+    """Eval masks (kept by the models) are converted once; a training mask, built afresh each
+    step, is converted and dropped; entries go with their masks."""
+    q, k, v = _qkv(4, 2, 49, torch.float32)
+    cpu_kernel._mask_cache.clear()
+    kept = torch.randn(2, 2, 49, 49)
+    with torch.no_grad():
+        cpu_kernel.attend(q, k, v, kept, 1.0)
+        cpu_kernel.attend(q, k, v, kept, 1.0)
+        assert len(cpu_kernel._mask_cache) == 1
+        for _ in range(5):  # what the training Function's forward passes
+            sdpa.attend_without_grad(q, k, v, torch.randn(2, 2, 49, 49), 1.0)
+        assert len(cpu_kernel._mask_cache) == 1
+        kept.add_(1.0)  # a new version: converted again, same entry
+        cpu_kernel.attend(q, k, v, kept, 1.0)
+        assert len(cpu_kernel._mask_cache) == 1
+    del kept
+    with torch.no_grad():
+        cpu_kernel.attend(q, k, v, torch.randn(2, 2, 49, 49), 1.0)
+    assert len(cpu_kernel._mask_cache) == 1  # the dead mask's entry went

@@ -119,18 +119,20 @@ def serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 _mask_cache: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
 
 
-def kernel_mask(mask: torch.Tensor) -> torch.Tensor:
+def kernel_mask(mask: torch.Tensor, keep: bool = True) -> torch.Tensor:
     """``mask`` ``(m, heads or 1, N, N)`` as the kernel reads it: float32, keys before queries,
-    contiguous. Cached per mask tensor and version, as the models' eval masks are kept."""
+    contiguous. With ``keep``, cached per mask tensor and version (the models' eval masks are
+    kept between calls); an entry goes when its mask does."""
     key = id(mask)
     hit = _mask_cache.get(key)
     if hit is not None and hit[0]() is mask and hit[1] == mask._version:
         return hit[2]
     with torch.inference_mode(False), torch.no_grad():
         converted = mask.detach().float().transpose(-1, -2).contiguous()
-    if len(_mask_cache) >= 256:
-        _mask_cache.clear()
-    _mask_cache[key] = (weakref.ref(mask), mask._version, converted)
+    if keep:
+        for dead in [k for k, (ref, _, _) in _mask_cache.items() if ref() is None]:
+            del _mask_cache[dead]
+        _mask_cache[key] = (weakref.ref(mask), mask._version, converted)
     return converted
 
 
@@ -140,6 +142,7 @@ def attend(
     v: torch.Tensor,
     mask: torch.Tensor | None,
     scale: float,
+    keep: bool = True,
 ) -> torch.Tensor | None:
     """Attention inside windows by the kernel, or None where it does not serve.
 
@@ -148,6 +151,8 @@ def attend(
         mask: additive ``(m, heads or 1, N, N)`` with ``m`` dividing ``rows`` (windows
             innermost), or None.
         scale: multiplies q.k.
+        keep: keep the mask's converted form for later calls with the same mask tensor
+            (:func:`kernel_mask`); False for a mask built afresh on every call.
 
     Returns:
         ``(rows, N, heads, 32)`` contiguous in q's dtype (what the SDPA path returns), or None.
@@ -164,4 +169,4 @@ def attend(
     ext = _extension()
     if ext is None:
         return None
-    return ext.forward(q, k, v, None if mask is None else kernel_mask(mask), scale)
+    return ext.forward(q, k, v, None if mask is None else kernel_mask(mask, keep), scale)

@@ -327,6 +327,11 @@ def attend_without_grad(
     with torch.no_grad():
         if prefers_matmuls(q) and (mask is None or q.shape[0] % mask.shape[0] == 0):
             return explicit_attention(q, k, v, mask, scale)
+        detached = None if mask is None else mask.detach()
+        # A training mask is rebuilt every step: converted for the kernel, not kept.
+        out = cpu_kernel.attend(q.detach(), k.detach(), v.detach(), detached, scale, keep=False)
+        if out is not None:
+            return out
         expanded = None
         if mask is not None:
             # Detached, so SDPA takes its fused kernel (it refuses a mask that wants a
