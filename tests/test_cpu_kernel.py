@@ -111,12 +111,11 @@ def test_attend_qkv_takes_the_kernel_for_forwards_and_never_under_tracing(monkey
     calls = []
     real = cpu_kernel._extension()
 
-    class Counting:
-        def forward(self, *args):
-            calls.append(1)
-            return real.forward(*args)
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
 
-    monkeypatch.setattr(cpu_kernel, "_extension", lambda: Counting())
+    monkeypatch.setattr(cpu_kernel, "_extension", lambda: counting)
     with torch.no_grad():
         kernel_out = sdpa.attend_qkv(q, k, v, mask, 0.2)
     assert len(calls) == 1
@@ -228,3 +227,17 @@ def test_converted_masks_are_kept_only_for_masks_that_live():
     with torch.no_grad():
         cpu_kernel.attend(q, k, v, torch.randn(2, 2, 49, 49), 1.0)
     assert len(cpu_kernel._mask_cache) == 1  # the dead mask's entry went
+
+
+def test_the_kernel_is_an_operator_flop_counters_and_fake_tensors_see():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v = _qkv(6, 3, 49, torch.bfloat16)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        cpu_kernel.attend(q, k, v, None, 1.0)
+    assert counter.get_total_flops() == 4 * 6 * 3 * 49 * 49 * 32
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(q)
+        out = torch.ops.winattn_cpu.window_attention(fake, fake, fake, None, 1.0)
+    assert out.shape == (6, 49, 3, 32) and out.dtype == torch.bfloat16

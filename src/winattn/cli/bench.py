@@ -300,12 +300,19 @@ def operator_calls(batch: int, side: int, heads: int, head_dim: int, window: int
     ``(B, L, heads * d)`` from the plain windows' order to the shifted ones'
     (:func:`~winattn.ops.geometry.move_tokens`), then attention on q, k, v already in window
     order (the qkv projection, not timed here, sits between the two), the mask expanded to the
-    batch beforehand as the block's eval cache keeps it. The grid-layout ``winattn`` row folds
-    and expands its mask on its first call and keeps it while the bias stays the same
+    batch beforehand as the block's eval cache keeps it (compact where winattn's CPU kernel
+    serves). The grid-layout ``winattn`` row folds and expands its mask on its first call and
+    keeps it while the bias stays the same
     (:class:`~winattn.ops.backends.sdpa.CallMaskCache`).
     """
     from ..ops import plan_windows, window_attention
-    from ..ops.backends.sdpa import attend_qkv, combine_mask, expand_to_batch, explicit_attention
+    from ..ops.backends.sdpa import (
+        attend_qkv,
+        combine_mask,
+        expand_to_batch,
+        explicit_attention,
+        mask_rows,
+    )
     from ..ops.geometry import move_tokens
 
     gen = torch.Generator().manual_seed(seed)
@@ -321,8 +328,10 @@ def operator_calls(batch: int, side: int, heads: int, head_dim: int, window: int
     per_window = in_windows.view(-1, window**2, 3, heads, head_dim)  # (B*nW, N, 3, heads, d)
     q_w, k_w, v_w = per_window.permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, heads, N, d)
     folded = combine_mask(plan.mask_as(dtype), bias, dtype)
-    # Expanded to the batch once, as a block's eval mask cache holds it between calls.
-    expanded = expand_to_batch(folded, batch * plan.num_windows)
+    # As a block's eval mask cache holds it between calls: compact where winattn's CPU kernel
+    # serves, else expanded to the batch for SDPA.
+    kept = expand_to_batch(folded, mask_rows(q_w, k_w, v_w, batch * plan.num_windows,
+                                              plan.num_windows))
     dense = _dense_mask(side, side, window, shift, bias.float()).to(dtype).unsqueeze(0)
     qd, kd, vd = (t.reshape(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))
     grid_shape = (batch, side, side, heads, head_dim)
@@ -332,7 +341,7 @@ def operator_calls(batch: int, side: int, heads: int, head_dim: int, window: int
 
     def window_order() -> torch.Tensor:
         move_tokens(tokens, plain, plan)  # (B, L, C) plain -> shifted order
-        return attend_qkv(q_w, k_w, v_w, expanded, head_dim**-0.5)
+        return attend_qkv(q_w, k_w, v_w, kept, head_dim**-0.5)
 
     calls = {
         "winattn": (lambda: window_attention(q, k, v, window, shift_size=shift, bias=bias),

@@ -164,12 +164,15 @@ def machine_info() -> dict:
         isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f" {f}" in flags]
     except (OSError, subprocess.CalledProcessError):
         isa = []
+    from ..ops.backends import cpu_kernel
+
     return {
         "cpu_model": model,
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "isa": isa,
         "load_average": os.getloadavg(),
+        "winattn_cpu_kernel": cpu_kernel.available(),  # compiled here on first use
     }
 
 

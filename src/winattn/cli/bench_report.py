@@ -71,6 +71,11 @@ def write_markdown(results: dict, path: Path) -> str:
         "",
         f"- machine: {m['cpu_model']}, {m['logical_cpus']} logical CPUs, torch threads "
         f"{m['torch_threads']}, ISA {', '.join(m['isa'])}",
+        *([] if "winattn_cpu_kernel" not in m else [
+            "- winattn's CPU kernel for small windows (docs/fast-path.md, item 16): "
+            + ("in use where it serves" if m["winattn_cpu_kernel"]
+               else "not available, SDPA serves")
+        ]),
         f"- load average at start / end: {tuple(round(x, 2) for x in m['load_average'])} / "
         f"{tuple(round(x, 2) for x in m.get('load_average_end', ()))}",
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
@@ -147,7 +152,9 @@ def write_markdown(results: dict, path: Path) -> str:
                   "`winattn window-order + block gather`: what a Swin block runs, the one row "
                   "gather that moves its tokens (B, L, heads * d) from the plain windows' order "
                   "to the shifted ones', then the stage-internal call on q, k, v in window "
-                  "order, through SDPA (what float32 runs, and bf16 on CPUs with AMX); "
+                  "order (`attend_qkv`: winattn's CPU kernel where it serves, with a compact "
+                  "mask, as the model keeps it; else SDPA with the mask expanded to the batch; "
+                  "float32, and bf16 on CPUs with AMX); "
                   "`..., matmuls`: the same through two bf16 matmuls around a float32 softmax "
                   "(what bf16 runs on CPUs without AMX); `roll/partition/matmul`: the peers' "
                   "path; `SDPA dense mask`: one SDPA over the whole grid with a dense additive "

@@ -46,7 +46,8 @@ def cpu_supported() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _extension():
-    """The compiled kernel module, or None (with the reason logged once) when it cannot be."""
+    """The kernel's operator, ``torch.ops.winattn_cpu.window_attention`` (compiled and loaded on
+    the first call), or None, with the reason logged once, when it cannot be had."""
     if os.environ.get("WINATTN_CPU_KERNEL") == "0":
         return None
     if not cpu_supported():
@@ -66,17 +67,38 @@ def _extension():
             return None
         _log.info("winattn CPU kernel: compiling %s (once, about 30 s)", _SOURCE.name)
         with torch.inference_mode(False):
-            return cpp_extension.load(
+            cpp_extension.load(
                 name="winattn_window_attention",
                 sources=[str(_SOURCE)],
                 extra_cflags=_FLAGS,
+                is_python_module=False,  # loaded as a library: it registers its operator
                 verbose=False,
             )
+        _register_python_parts()
+        return torch.ops.winattn_cpu.window_attention
     except Exception as err:  # a failed build must never stop inference: SDPA serves
         _log.warning("winattn CPU kernel: build failed (%s); SDPA serves", err)
         return None
     finally:
         cpp_logger.setLevel(level)
+
+
+@functools.lru_cache(maxsize=None)  # once a process, however often the library is loaded
+def _register_python_parts() -> None:
+    """The operator's fake (meta) function, for torch.compile's and export's shape
+    propagation, and its FLOP formula for :class:`torch.utils.flop_counter.FlopCounterMode`
+    (``winattn info --flops``)."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    @torch.library.register_fake("winattn_cpu::window_attention")
+    def _fake(q, k, v, mask_t, scale):
+        rows, heads, tokens, head_dim = q.shape
+        return q.new_empty(rows, tokens, heads, head_dim)
+
+    @register_flop_formula(torch.ops.winattn_cpu.window_attention)
+    def _flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+        rows, heads, tokens, head_dim = q_shape
+        return 4 * rows * heads * tokens * k_shape[-2] * head_dim
 
 
 def available() -> bool:
@@ -169,4 +191,4 @@ def attend(
     ext = _extension()
     if ext is None:
         return None
-    return ext.forward(q, k, v, None if mask is None else kernel_mask(mask, keep), scale)
+    return ext(q, k, v, None if mask is None else kernel_mask(mask, keep), scale)
