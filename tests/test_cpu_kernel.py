@@ -241,3 +241,31 @@ def test_the_kernel_is_an_operator_flop_counters_and_fake_tensors_see():
         fake = mode.from_tensor(q)
         out = torch.ops.winattn_cpu.window_attention(fake, fake, fake, None, 1.0)
     assert out.shape == (6, 49, 3, 32) and out.dtype == torch.bfloat16
+
+
+def test_flop_count_in_a_fresh_process_includes_the_kernel(monkeypatch):
+    """`winattn info --flops` counts the kernel's attention even when the count's forward is
+    the first call of the process (the FLOP counter copies its formulas when it starts)."""
+    import subprocess
+    import sys
+
+    from winattn.cli.commands import count_flops
+
+    code = (
+        "import winattn; from winattn.cli.commands import count_flops; "
+        "m = winattn.create_model('swin_tiny_patch4_window7_224', depths=(2, 2), "
+        "num_heads=(1, 2), embed_dim=32).eval(); print(count_flops(m, (3, 96, 96)))"
+    )
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout.split()[-1]
+    model = winattn.create_model(
+        "swin_tiny_patch4_window7_224", depths=(2, 2), num_heads=(1, 2), embed_dim=32
+    ).eval()
+    cpu_kernel._extension.cache_clear()
+    monkeypatch.setenv("WINATTN_CPU_KERNEL", "0")
+    try:
+        on_sdpa = count_flops(model, (3, 96, 96))
+    finally:
+        monkeypatch.delenv("WINATTN_CPU_KERNEL")
+        cpu_kernel._extension.cache_clear()
+    assert int(fresh) == on_sdpa

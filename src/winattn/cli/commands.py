@@ -218,7 +218,10 @@ def count_flops(model: nn.Module, input_size: tuple[int, int, int]) -> int:
     """FLOPs of one forward pass at batch 1 (a multiply-add counts 2), by FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.zeros(1, *input_size)
+    from ..ops.backends import cpu_kernel
+
+    cpu_kernel.available()  # loads the CPU kernel, and its FLOP formula, before the counter
+    x = torch.zeros(1, *input_size)  # copies the formulas it knows
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(x)
