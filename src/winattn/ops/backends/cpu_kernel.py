@@ -5,7 +5,7 @@ PyTorch's SDPA kernel handles each (window, head) pair of a Swin call as a tiny 
 problem and reaches 60-80 GFLOP/s at 49 tokens on the project's AMX host (docs/fast-path.md,
 item 16). ``window_attention.cpp`` (next to this file) does one pair at a time with 16 queries in
 the vector lanes, so the softmax needs no horizontal reductions: at Swin-T's stage 1, batch 8,
-55-60% of SDPA's time; Swin-T's inference 1.135x (bf16, batch 1), 1.276x (bf16, batch 8) and
+55-65% of SDPA's time; Swin-T's inference 1.135x (bf16, batch 1), 1.276x (bf16, batch 8) and
 1.07-1.08x (float32) as fast in a same-process A/B.
 
 It is compiled on first use with PyTorch's C++ extension builder (a C++ compiler and ninja are
