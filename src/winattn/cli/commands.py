@@ -220,8 +220,10 @@ def count_flops(model: nn.Module, input_size: tuple[int, int, int]) -> int:
 
     from ..ops.backends import cpu_kernel
 
-    cpu_kernel.available()  # loads the CPU kernel, and its FLOP formula, before the counter
-    x = torch.zeros(1, *input_size)  # copies the formulas it knows
+    # Load the CPU kernel (and register its FLOP formula) first: the counter copies the
+    # formulas it knows when it is made.
+    cpu_kernel.available()
+    x = torch.zeros(1, *input_size)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(x)

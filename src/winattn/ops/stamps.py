@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -103,3 +104,26 @@ def cached_by_parameters(entries: dict, key: object, params: list, build: Callab
         with torch.inference_mode(False):
             hit = entries[key] = (params, stamp, build())
     return hit[2]
+
+
+def cached_per_tensor(
+    entries: dict, tensor: torch.Tensor, build: Callable[[], T], keep: bool = True
+) -> T:
+    """``build()`` for ``tensor``, kept in ``entries`` (keyed by its ``id``) while that tensor
+    lives at the same version: for values derived from a tensor that callers keep and pass
+    again (the models' cached eval masks). A tensor that reuses a dead one's ``id`` is told
+    apart by a weak reference; entries of dead tensors go when a new one is kept. With
+    ``keep`` False (a tensor built afresh on every call) a hit is still served, nothing is
+    kept. Built outside inference mode, as :func:`tensor_cache` builds."""
+    key = id(tensor)
+    hit = entries.get(key)
+    if hit is not None and hit[0]() is tensor and hit[1] == tensor._version:
+        return hit[2]
+    with torch.inference_mode(False):
+        value = build()
+    if keep:
+        for dead in [k for k, (ref, _, _) in entries.items() if ref() is None]:
+            del entries[dead]
+        entries[key] = (weakref.ref(tensor), tensor._version, value)
+    return value
+

@@ -21,10 +21,11 @@ import functools
 import logging
 import os
 import shutil
-import weakref
 from pathlib import Path
 
 import torch
+
+from ..stamps import cached_per_tensor
 
 _log = logging.getLogger("winattn")
 _SOURCE = Path(__file__).with_name("window_attention.cpp")
@@ -140,24 +141,19 @@ def serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return fits(q, k, v) and available()
 
 
-_mask_cache: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+_mask_cache: dict = {}  # for cached_per_tensor
 
 
 def kernel_mask(mask: torch.Tensor, keep: bool = True) -> torch.Tensor:
     """``mask`` ``(m, heads or 1, N, N)`` as the kernel reads it: float32, keys before queries,
     contiguous. With ``keep``, cached per mask tensor and version (the models' eval masks are
     kept between calls); an entry goes when its mask does."""
-    key = id(mask)
-    hit = _mask_cache.get(key)
-    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
-        return hit[2]
-    with torch.inference_mode(False), torch.no_grad():
-        converted = mask.detach().float().transpose(-1, -2).contiguous()
-    if keep:
-        for dead in [k for k, (ref, _, _) in _mask_cache.items() if ref() is None]:
-            del _mask_cache[dead]
-        _mask_cache[key] = (weakref.ref(mask), mask._version, converted)
-    return converted
+
+    def build() -> torch.Tensor:
+        with torch.no_grad():
+            return mask.detach().float().transpose(-1, -2).contiguous()
+
+    return cached_per_tensor(_mask_cache, mask, build, keep)
 
 
 def attend(

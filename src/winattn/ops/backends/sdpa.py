@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import weakref
 from collections import OrderedDict
 from typing import Callable
 
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..call import AttentionCall
-from ..stamps import parameter_stamp, same_parameters
+from ..stamps import cached_per_tensor, parameter_stamp, same_parameters
 from . import cpu_kernel
 
 
@@ -203,25 +202,20 @@ _LOG_FLOAT32_TINY = math.log(torch.finfo(torch.float32).tiny)
 # Mask slots whose entries reach this far below zero can make subnormal exponentials: Swin's
 # -100 between shift regions (a logit 100 below its row's maximum has exp() = 3.7e-44).
 _DEEP_MASK_VALUE = -50.0
-_deep_slot_cache: dict[int, tuple[weakref.ref, int, torch.Tensor | None]] = {}
+_deep_slot_cache: dict = {}  # for cached_per_tensor
 
 
 def _deep_mask_slots(mask: torch.Tensor) -> torch.Tensor | None:
     """Indices of the slots of ``mask`` ``(m, heads, N, M)`` (windows, or windows x heads
     where ``heads > 1``) with entries below ``_DEEP_MASK_VALUE``, or None when no slot has.
     Cached per mask tensor and version, as the models' eval masks are."""
-    key = id(mask)
-    hit = _deep_slot_cache.get(key)
-    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
-        return hit[2]
-    slot_entries = mask.detach().flatten(0, 1) if mask.shape[1] > 1 else mask.detach()
-    with torch.inference_mode(False):  # an ordinary tensor, as winattn.ops.stamps explains
+
+    def build() -> torch.Tensor | None:
+        slot_entries = mask.detach().flatten(0, 1) if mask.shape[1] > 1 else mask.detach()
         slots = (slot_entries.flatten(1).amin(dim=1) < _DEEP_MASK_VALUE).nonzero().flatten()
-    slots = slots if slots.numel() else None
-    if len(_deep_slot_cache) >= 256:
-        _deep_slot_cache.clear()
-    _deep_slot_cache[key] = (weakref.ref(mask), mask._version, slots)
-    return slots
+        return slots if slots.numel() else None
+
+    return cached_per_tensor(_deep_slot_cache, mask, build)
 
 
 def _flush_subnormal_exponentials(logits: torch.Tensor) -> torch.Tensor:
@@ -530,8 +524,8 @@ class SdpaBackend:
         else:
             # Expanded to the batch (and kept) for SDPA without gradients; compact for the
             # Function and for winattn's CPU kernel.
-            mask_rows_ = None if call.needs_grad else mask_rows(q, k, v, rows, plan.num_windows)
-            mask = self.masks.get(call, q.dtype, mask_rows_)
+            kept_rows = None if call.needs_grad else mask_rows(q, k, v, rows, plan.num_windows)
+            mask = self.masks.get(call, q.dtype, kept_rows)
             out = attend_qkv(q, k, v, mask, call.scale)  # (B*nW, N, heads, d)
         out = out.view(batch, plan.num_windows, tokens, channels)
         return plan.reverse(out).view(call.q.shape)  # (B, *grid, heads, d)
